@@ -1,0 +1,31 @@
+# Every target makes or refreshes the virtual environment itself: on a fresh clone
+# `make test` and `make demo` are the only commands needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test demo bench ablations clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m swiftjax.cli demo
+
+ablations: $(STAMP)
+	$(PY) -m swiftjax.cli ablate configs/ablations
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache
