@@ -12,11 +12,11 @@ import numpy as np
 
 
 def _shape(x) -> tuple[int, ...]:
-    return tuple(getattr(x, "shape", np.shape(x)))
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
 
 
 def _dtype(x) -> np.dtype:
-    return np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def check_rank(x, name: str, rank: int, dims: str = "") -> None:

@@ -1,0 +1,1 @@
+"""Tasks and data: graders, the embedded arithmetic world, preference pairs, feature stores."""

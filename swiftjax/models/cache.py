@@ -1,0 +1,48 @@
+"""KV cache: an explicit, fixed-length pytree that jitted decoding donates and returns."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from swiftjax.models.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer keys/values [B, S, Hkv, Dh], which slots hold real tokens [B, S],
+    the next slot to write (scalar) and each row's next position id [B]."""
+
+    k: tuple
+    v: tuple
+    key_valid: jax.Array
+    cursor: jax.Array
+    next_pos: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.key_valid.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.key_valid.shape[0]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return KVCache(
+        k=zeros,
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        key_valid=jnp.zeros((batch, max_len), jnp.bool_),
+        cursor=jnp.zeros((), jnp.int32),
+        next_pos=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def write(buf, new, cursor):
+    """Write new [B, T, ...] into buf [B, S, ...] at slot ``cursor``."""
+    idx = (0, cursor) + (0,) * (buf.ndim - 2)
+    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), idx)

@@ -1,0 +1,174 @@
+"""Building blocks shared by the model ports: linear/embedding/norm modules that keep
+Hugging Face's parameter names and layouts (so loading is a rename-free copy), RoPE,
+masks from the attention mask and a grouped-query attention core.
+
+Parameter layouts follow the checkpoints: ``Linear.weight`` is ``[out, in]`` like
+``torch.nn.Linear`` (``layout="out_in"``) or ``[in, out]`` like GPT-2's ``Conv1D``
+(``layout="in_out"``); XLA contracts either without a transpose.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from swiftjax.models.config import ModelConfig
+
+INIT_STD = 0.02
+
+
+class Linear(nnx.Module):
+    def __init__(self, din: int, dout: int, *, bias: bool, rngs: nnx.Rngs,
+                 layout: str = "out_in", dtype=jnp.float32, param_dtype=jnp.float32):
+        shape = (dout, din) if layout == "out_in" else (din, dout)
+        self.layout = layout
+        self.dtype = dtype
+        self.weight = nnx.Param(INIT_STD * jax.random.normal(rngs.params(), shape, param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype)) if bias else None
+
+    def __call__(self, x):
+        w = self.weight[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        if self.layout == "out_in":
+            y = jnp.einsum("...i,oi->...o", x, w)
+        else:
+            y = jnp.einsum("...i,io->...o", x, w)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embedding(nnx.Module):
+    def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.dtype = dtype
+        self.weight = nnx.Param(INIT_STD * jax.random.normal(rngs.params(), (num, dim), param_dtype))
+
+    def __call__(self, ids):
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, h):
+        """Tied output projection: ``h @ weight.T`` with float32 accumulation."""
+        w = self.weight[...].astype(self.dtype)
+        return jnp.einsum("...d,vd->...v", h.astype(self.dtype), w,
+                          preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """Llama-style RMS norm, accumulated in float32 (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x):
+        dt = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(dt) * x32.astype(dt)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x):
+        dt = x.dtype
+        x32 = x.astype(jnp.float32)
+        mu = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
+        y = (x32 - mu) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(dt)
+
+
+def activation(name: str):
+    fns = {
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "relu": jax.nn.relu,
+    }
+    if name not in fns:
+        raise ValueError(f"unsupported activation {name!r}: expected one of {sorted(fns)}")
+    return fns[name]
+
+
+# ---------------------------------------------------------------------------- RoPE
+def rope_inv_freq(cfg: ModelConfig):
+    """Inverse frequencies [Dh/2] in float32, with the scaling types Llama uses."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    s = cfg.rope_scaling_dict()
+    if cfg.rope_type == "linear":
+        inv = inv / float(s["factor"])
+    elif cfg.rope_type == "llama3":
+        factor = float(s["factor"])
+        low = float(s.get("low_freq_factor", 1.0))
+        high = float(s.get("high_freq_factor", 4.0))
+        old = float(s.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        low_wl, high_wl = old / low, old / high
+        scaled = jnp.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_tables(cfg: ModelConfig, positions):
+    """cos, sin [B, T, Dh/2] float32 for integer ``positions`` [B, T]."""
+    ang = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE on x [B, T, H, Dh] (HF convention), computed in float32."""
+    dt = x.dtype
+    x = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(dt)
+
+
+# ---------------------------------------------------------------------------- attention
+def attend(q, k, v, allowed, dtype):
+    """Grouped-query attention. q [B,T,H,Dh], k/v [B,S,Hkv,Dh], allowed [B,T,S] bool.
+
+    Scores and softmax run in float32; rows with no allowed key get a uniform (finite)
+    distribution instead of NaN (they are padding and never read).
+    """
+    b, t, h, dh = q.shape
+    hkv = k.shape[2]
+    g = h // hkv
+    qg = q.reshape(b, t, hkv, g, dh).astype(dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dtype),
+                        preferred_element_type=jnp.float32) / math.sqrt(dh)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
+    return out.reshape(b, t, h, dh)
+
+
+def allowed_mask(key_valid, cursor, t: int, sliding_window: int | None):
+    """[B, T, S] bool: query i (at slot cursor+i) may see key slot j.
+
+    ``key_valid`` [B, S]: which slots hold real tokens. Causality is by slot; under left
+    padding, slot differences between real tokens equal position differences, so the
+    sliding window is exact too.
+    """
+    s = key_valid.shape[1]
+    q_slot = cursor + jnp.arange(t)[:, None]
+    k_slot = jnp.arange(s)[None, :]
+    ok = k_slot <= q_slot
+    if sliding_window is not None:
+        ok = ok & (q_slot - k_slot < sliding_window)
+    return ok[None] & key_valid[:, None, :].astype(bool)

@@ -1,0 +1,107 @@
+"""Llama 2/3, Mistral and Qwen2/2.5 as one Flax NNX module; the differences are config
+flags (qkv bias, rope scaling, tied embeddings, sliding window).
+
+Attribute names mirror transformers' ``LlamaForCausalLM`` so that a parameter's path in
+the NNX state is its safetensors key (``model.layers.3.self_attn.q_proj.weight``).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from swiftjax.models import cache as kv
+from swiftjax.models.config import ModelConfig
+from swiftjax.models.layers import (Embedding, Linear, RMSNorm, activation, apply_rope, attend,
+                                    rope_tables)
+from swiftjax.models.transformer import DecoderLM
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+        d, h, hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Linear(d, h * dh, bias=cfg.qkv_bias, **kw)
+        self.k_proj = Linear(d, hkv * dh, bias=cfg.qkv_bias, **kw)
+        self.v_proj = Linear(d, hkv * dh, bias=cfg.qkv_bias, **kw)
+        self.o_proj = Linear(h * dh, d, bias=cfg.o_bias, **kw)
+        self.shape = (h, hkv, dh)
+        self.dtype = dtype
+
+    def __call__(self, x, tables, allowed, layer_kv, cursor):
+        b, t, _ = x.shape
+        h, hkv, dh = self.shape
+        q = self.q_proj(x).reshape(b, t, h, dh)
+        k = self.k_proj(x).reshape(b, t, hkv, dh)
+        v = self.v_proj(x).reshape(b, t, hkv, dh)
+        cos, sin = tables
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer_kv is not None:
+            k = kv.write(layer_kv[0], k, cursor)
+            v = kv.write(layer_kv[1], v, cursor)
+        out = attend(q, k, v, allowed, self.dtype)
+        return self.o_proj(out.reshape(b, t, h * dh)), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+        kw = dict(bias=cfg.mlp_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, **kw)
+
+    def __call__(self, h, tables, allowed, layer_kv, cursor):
+        a, new_kv = self.self_attn(self.input_layernorm(h), tables, allowed, layer_kv, cursor)
+        h = h + a
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, new_kv
+
+
+class LlamaBody(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype,
+                                      param_dtype=param_dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
+
+
+class LlamaForCausalLM(DecoderLM):
+    """Llama / Mistral / Qwen2 causal LM (transformers' ``*ForCausalLM`` layout)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.config = cfg
+        self.model = LlamaBody(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False, rngs=rngs, dtype=dtype,
+            param_dtype=param_dtype)
+
+    def embed(self, input_ids, positions):
+        return self.model.embed_tokens(input_ids)
+
+    def rope(self, positions):
+        return rope_tables(self.config, positions)
+
+    def blocks(self):
+        return self.model.layers
+
+    def final_norm(self, h):
+        return self.model.norm(h)
+
+    def unembed(self, h):
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(h)
+        return self.lm_head(h)

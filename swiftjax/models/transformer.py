@@ -1,0 +1,180 @@
+"""The forward pass shared by every decoder-only port.
+
+A concrete model supplies ``embed``, ``blocks``, ``final_norm`` and ``unembed``; this
+module owns what is the same for all of them: input checks, positions from the mask,
+the attention mask (padding, causality, sliding window, KV cache), Hugging Face's
+``hidden_states`` convention, and sowing of intermediate states.
+
+Sowing. ``taps=Taps(layers=(i, ...), apply_norm=...)`` makes the forward sow hidden
+state ``i`` (HF index: 0 = embedding output, i < L after block i, L = after the final
+norm) as a :class:`HiddenState`; with ``projections={i: W_i [D, K]}`` it sows the
+product ``h_i @ W_i`` as a :class:`LayerProjection` instead, so a fused SWIFT head never
+holds the [T, D] states of a layer. Read them with ``nnx.capture``; under jit anything
+not captured is dead code and never materialised.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from swiftjax._checks import check_int, check_rank, check_same_shape
+from swiftjax.models import cache as kv
+from swiftjax.models.config import ModelConfig
+
+
+class HiddenState(nnx.Intermediate):
+    """A sown residual-stream state [B, T, D]."""
+
+
+class LayerProjection(nnx.Intermediate):
+    """A sown per-layer projection h_i @ W_i [B, T, K] (float32)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Taps:
+    """Which hidden-state indices (HF convention, 0..L) a forward sows."""
+
+    layers: tuple[int, ...] = ()
+    apply_norm: bool = False
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class CausalLMOutput:
+    logits: jax.Array | None
+    hidden_states: tuple | None = None
+    cache: kv.KVCache | None = None
+
+
+def positions_from_mask(mask, start=None):
+    """Position ids: cumsum(mask) - 1 (clipped at 0), offset by ``start`` [B] if given."""
+    pos = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
+    if start is not None:
+        pos = pos + start[:, None]
+    return jnp.maximum(pos, 0)
+
+
+class DecoderLM(nnx.Module):
+    """Base class: subclasses set ``self.config`` and implement the four hooks."""
+
+    config: ModelConfig
+
+    # hooks ------------------------------------------------------------------
+    def embed(self, input_ids, positions):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def blocks(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def final_norm(self, h):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def unembed(self, h):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rope(self, positions):
+        """Per-forward position tables passed to every block (None for learned positions)."""
+        return None
+
+    # forward ----------------------------------------------------------------
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        output_hidden_states: bool = False,
+        *,
+        cache: kv.KVCache | None = None,
+        positions=None,
+        taps: Taps | None = None,
+        projections: Mapping[int, jax.Array] | None = None,
+        compute_logits: bool = True,
+        last_only: bool = False,
+    ) -> CausalLMOutput:
+        """input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = left padding).
+
+        Returns logits [B, T, V] float32 (or [B, 1, V] with ``last_only``), the L+1
+        hidden states when asked, and the updated cache when one is given.
+        """
+        cfg = self.config
+        check_rank(input_ids, "input_ids", 2, "[B, T]")
+        check_int(input_ids, "input_ids")
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        else:
+            check_rank(attention_mask, "attention_mask", 2, "[B, T]")
+            check_same_shape(input_ids, attention_mask, "input_ids", "attention_mask")
+        t = input_ids.shape[1]
+        if cache is not None:
+            if cache.batch != input_ids.shape[0]:
+                raise ValueError(f"cache: expected batch {input_ids.shape[0]}, got {cache.batch}")
+            if positions is None:
+                positions = positions_from_mask(attention_mask, cache.next_pos)
+            key_valid = kv.write(cache.key_valid, attention_mask.astype(bool), cache.cursor)
+            cursor = cache.cursor
+        else:
+            if positions is None:
+                positions = positions_from_mask(attention_mask)
+            key_valid = attention_mask.astype(bool)
+            cursor = jnp.zeros((), jnp.int32)
+        if cfg.is_gpt2 and t > cfg.max_position_embeddings and cache is None:
+            raise ValueError(
+                f"input_ids: expected at most {cfg.max_position_embeddings} positions, got {t}"
+            )
+
+        from swiftjax.models.layers import allowed_mask
+
+        allowed = allowed_mask(key_valid, cursor, t, cfg.sliding_window)
+        tables = self.rope(positions)
+        taps = taps or Taps()
+        wanted = set(taps.layers)
+        n_states = cfg.num_layers + 1
+        bad = [i for i in wanted if not 0 <= i < n_states]
+        if bad:
+            raise ValueError(f"taps.layers: expected indices in [0, {n_states - 1}], got {bad}")
+
+        all_states = [] if output_hidden_states else None
+
+        def emit(i, h):
+            if all_states is not None:
+                all_states.append(h)
+            if i in wanted:
+                x = self.final_norm(h) if taps.apply_norm else h
+                if projections is not None and i in projections:
+                    w = projections[i]
+                    self.sow(LayerProjection, f"proj_{i:03d}",
+                             jnp.einsum("btd,dk->btk", x.astype(jnp.float32), w.astype(jnp.float32)))
+                else:
+                    self.sow(HiddenState, f"state_{i:03d}", x)
+
+        h = self.embed(input_ids, positions)
+        emit(0, h)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks()):
+            layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+            h, (k_i, v_i) = block(h, tables, allowed, layer_kv, cursor)
+            new_k.append(k_i)
+            new_v.append(v_i)
+            if i < cfg.num_layers - 1:
+                emit(i + 1, h)
+        h = self.final_norm(h)
+        emit(cfg.num_layers, h)
+
+        logits = None
+        if compute_logits:
+            logits = self.unembed(h[:, -1:] if last_only else h).astype(jnp.float32)
+        new_cache = None
+        if cache is not None:
+            new_cache = kv.KVCache(
+                k=tuple(new_k), v=tuple(new_v), key_valid=key_valid,
+                cursor=cache.cursor + t,
+                next_pos=cache.next_pos + jnp.sum(attention_mask.astype(jnp.int32), axis=1),
+            )
+        return CausalLMOutput(
+            logits=logits,
+            hidden_states=tuple(all_states) if all_states is not None else None,
+            cache=new_cache,
+        )
