@@ -1,0 +1,217 @@
+"""Candidate-set jsonl: validation, atomic writes, grouping, converters of the real pools."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from swiftjax.data import candidates as cs
+from swiftjax.data.paths import data_dir
+
+GSM8K_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
+
+
+def _data(name):
+    d = data_dir()
+    if d is None or not (d / name).is_file():
+        pytest.skip(f"real data {name} not found (../shared/data or $SWIFTJAX_DATA)")
+    return d / name
+
+
+def make_rows(p=3, n=4, seed=0, scores=("a", "b")):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(p):
+        for j in range(n):
+            row = {
+                "prompt_id": f"q{i}",
+                "index": j,
+                "prompt": f"prompt {i}",
+                "text": f"answer text {i}-{j} \u00e9",
+                "token_ids": [rng.randrange(100) for _ in range(rng.randrange(1, 5))] if j % 2 else None,
+                "answer": str(rng.randrange(3)) if j != 1 else None,
+                "correct": rng.random() < 0.5,
+            }
+            if scores:
+                row["scores"] = {s: rng.uniform(-1, 1) for s in scores}
+            rows.append(row)
+    return rows
+
+
+def test_round_trip(tmp_path):
+    rows = make_rows()
+    rows[0]["gold"] = "7"
+    path = tmp_path / "sub" / "c.jsonl"
+    assert cs.write_candidates(path, rows) == len(rows)
+    assert cs.read_candidates(path) == rows
+    assert [p.name for p in path.parent.iterdir()] == ["c.jsonl"]  # no temp files left
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    rows = make_rows()
+    path = tmp_path / "c.jsonl"
+
+    def failing():
+        yield rows[0]
+        yield rows[1]
+        raise RuntimeError("generation died")
+
+    with pytest.raises(RuntimeError):
+        cs.write_candidates(path, failing())
+    assert list(tmp_path.iterdir()) == []
+
+    bad = [rows[0], {**rows[1], "correct": "yes"}]
+    with pytest.raises(ValueError, match="row 1.*'correct'"):
+        cs.write_candidates(path, bad)
+    assert list(tmp_path.iterdir()) == []
+
+    # an existing file survives a failed rewrite untouched
+    cs.write_candidates(path, rows[:2])
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        cs.write_candidates(path, failing())
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]
+
+
+@pytest.mark.parametrize("field", cs.REQUIRED)
+def test_read_names_line_and_missing_field(tmp_path, field):
+    rows = make_rows(p=1, n=3)
+    del rows[2][field]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=rf"c\.jsonl:3: missing field '{field}'"):
+        cs.read_candidates(path)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("index", -1), ("index", 1.0), ("index", True), ("prompt_id", 3), ("token_ids", [1, "2"]),
+     ("answer", 5), ("correct", 1), ("scores", {"a": "x"}), ("scores", [1.0]), ("text", None)],
+)
+def test_read_rejects_bad_types(tmp_path, field, value):
+    rows = make_rows(p=1, n=2)
+    rows[1][field] = value
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=rf":2: field '{field}'"):
+        cs.read_candidates(path)
+
+
+def test_read_rejects_bad_json_and_extra_fields(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(make_rows(p=1, n=1)[0]) + "\n\n{oops\n")
+    with pytest.raises(ValueError, match=r":3: expected a JSON object"):
+        cs.read_candidates(path)
+    path.write_text(json.dumps({**make_rows(p=1, n=1)[0], "extra": 1}) + "\n")
+    with pytest.raises(ValueError, match=":1: unexpected field"):
+        cs.read_candidates(path)
+
+
+def test_group_orders_by_index_and_matches_reference():
+    rows = make_rows(p=4, n=5, seed=3)
+    shuffled = rows[:]
+    random.Random(1).shuffle(shuffled)
+    ids, arr = cs.group(shuffled)
+    # reference: prompts in order of first appearance, candidates by index
+    want_ids = []
+    for r in shuffled:
+        if r["prompt_id"] not in want_ids:
+            want_ids.append(r["prompt_id"])
+    assert ids == want_ids
+    lookup = {(r["prompt_id"], r["index"]): r for r in rows}
+    for p, pid in enumerate(ids):
+        for j in range(5):
+            r = lookup[(pid, j)]
+            assert arr["correct"][p, j] == r["correct"]
+            assert arr["answers"][p][j] == r["answer"]
+            assert arr["texts"][p][j] == r["text"]
+            for name in ("a", "b"):
+                assert arr["scores"][name][p, j] == r["scores"][name]
+    assert arr["correct"].dtype == bool and arr["correct"].shape == (4, 5)
+
+
+def test_group_errors():
+    rows = make_rows(p=2, n=3)
+    with pytest.raises(ValueError, match="expected N=3"):
+        cs.group(rows[:-1])  # unequal N
+    gap = [r for r in rows if not (r["prompt_id"] == "q1" and r["index"] == 1)]
+    gap += [{**rows[-1], "index": 5}]
+    with pytest.raises(ValueError, match="gap"):
+        cs.group(gap)
+    with pytest.raises(ValueError, match="twice"):
+        cs.group(rows + [rows[0]])
+    partial = [dict(r) for r in rows]
+    partial[4] = {k: v for k, v in partial[4].items() if k != "scores"}
+    with pytest.raises(ValueError, match="score 'a' missing"):
+        cs.group(partial)
+    with pytest.raises(ValueError, match="at least one"):
+        cs.group([])
+    ids, arr = cs.group(make_rows(p=2, n=2, scores=()))
+    assert arr["scores"] == {}
+
+
+def test_gsm8k_converter_on_real_file(tmp_path):
+    path = _data("gsm8k_test_model_solutions.jsonl")
+    rows = cs.from_gsm8k_model_solutions(path)
+    ids, arr = cs.group(rows)
+    assert len(ids) == 1319 and arr["correct"].shape == (1319, 4)
+    recs = [json.loads(line) for line in path.open()]
+    want = np.array([[rec[k]["is_correct"] for k in GSM8K_KEYS] for rec in recs])
+    np.testing.assert_array_equal(arr["correct"], want)
+    assert arr["texts"][5] == [recs[5][k]["solution"] for k in GSM8K_KEYS]
+    assert all(r["prompt"] == recs[int(r["prompt_id"].rsplit("-", 1)[1])]["question"] for r in rows[:40])
+    # answers: a correct candidate's extracted answer equals the gold number
+    for r in rows:
+        if r["correct"]:
+            assert r["answer"] == r["gold"]
+    out = tmp_path / "gsm8k_cands.jsonl"
+    cs.write_candidates(out, rows)
+    assert cs.read_candidates(out) == rows
+
+
+def test_math_converter_on_real_file():
+    path = _data("math_cot_100_bon8_qwen_rm.jsonl")
+    rows = cs.from_math_bon(path)
+    ids, arr = cs.group(rows)
+    assert len(ids) == 100 and arr["correct"].shape == (100, 8)
+    recs = [json.loads(line) for line in path.open()]
+    np.testing.assert_array_equal(arr["correct"], np.array([rec["score"] for rec in recs]))
+    np.testing.assert_array_equal(
+        arr["scores"]["qwen72b_rm"], np.array([[s[0] for s in rec["pred_score"]] for rec in recs])
+    )
+    assert arr["answers"][3] == recs[3]["pred"]
+    assert ids == [str(rec["idx"]) for rec in recs]
+
+
+def _ref_bon(scores, correct, k):
+    hits = 0
+    for s_row, c_row in zip(scores, correct):
+        best = max(range(k), key=lambda i: (s_row[i], -i))  # max score, earliest on ties
+        hits += c_row[best]
+    return 100.0 * hits / len(scores)
+
+
+def test_report_math_bon():
+    path = _data("math_cot_100_bon8_qwen_rm.jsonl")
+    rep = cs.report_math_bon(path)
+    json.dumps(rep)
+    curves = rep["curves"]
+    assert rep["prompts"] == 100 and rep["n"] == 8
+    expected = {"random", "oracle", "majority", "qwen72b_rm", "neg_length", "pass@k",
+                "qwen72b_rm+neg_length/ranking", "qwen72b_rm+neg_length/scaling"}
+    assert set(curves) == expected
+    recs = [json.loads(line) for line in path.open()]
+    rm = [[s[0] for s in rec["pred_score"]] for rec in recs]
+    lab = [rec["score"] for rec in recs]
+    for k in range(1, 9):
+        assert curves["qwen72b_rm"][str(k)] == pytest.approx(_ref_bon(rm, lab, k))
+        assert curves["oracle"][str(k)] == pytest.approx(100.0 * np.mean([any(r[:k]) for r in lab]))
+        assert curves["oracle"][str(k)] >= curves["qwen72b_rm"][str(k)]
+    assert curves["random"]["1"] == curves["qwen72b_rm"]["1"] == curves["majority"]["1"]
+    assert rep["grader_agreement"] >= 0.98
+    print("\n" + "\n".join(f"{name:32s} " + " ".join(f"{v:5.1f}" for v in c.values())
+                           for name, c in curves.items()))
+    print(f"grader agreement {100 * rep['grader_agreement']:.2f}%")
