@@ -1,0 +1,157 @@
+"""Metric writers: one JSON object a line, and TensorBoard when a writer library is installed.
+
+Only the main process writes (``is_main_process``); on other hosts the writers are silent
+no-ops, so multi-host scripts can call them unconditionally. Values may be Python numbers,
+NumPy or JAX scalars; arrays of one element become floats, other arrays lists.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+import numpy as np
+
+from swiftjax.train.distributed import is_main_process
+
+
+def to_python(value: Any) -> Any:
+    """A JSON-ready copy of ``value``: scalars to float/int/bool, arrays to (nested) lists."""
+    if isinstance(value, Mapping):
+        return {str(k): to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_python(v) for v in value]
+    if isinstance(value, (str, bool, type(None))):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        f = float(value)
+        return f if math.isfinite(f) else str(f)
+    arr = np.asarray(value)
+    if arr.dtype == bool:
+        return arr.tolist() if arr.ndim else bool(arr)
+    if arr.size == 1:
+        return to_python(arr.reshape(()).item())
+    return to_python(arr.tolist())
+
+
+class MetricsWriter(Protocol):
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlWriter:
+    """Appends ``{"step": step, **metrics}`` lines to ``path`` (flushed each write).
+
+    ``process_index`` (default ``jax.process_index()``) decides whether this process writes:
+    only process 0 does. Appending lets a resumed run continue the same file.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, process_index: int | None = None):
+        self.path = Path(path)
+        self.active = is_main_process(process_index)
+        self._fh = None
+        if self.active:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if self._fh is None:
+            return
+        record = {"step": int(step), **to_python(dict(metrics))}
+        self._fh.write(json.dumps(record, sort_keys=False) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All records of a jsonl metrics file."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _summary_writer_class():
+    """tensorboardX's or torch's SummaryWriter, or None when neither can be imported."""
+    try:
+        from tensorboardX import SummaryWriter  # type: ignore
+
+        return SummaryWriter
+    except Exception:
+        pass
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # type: ignore  (needs tensorboard)
+
+        return SummaryWriter
+    except Exception:
+        return None
+
+
+def tensorboard_available() -> bool:
+    return _summary_writer_class() is not None
+
+
+class TensorBoardWriter:
+    """Scalars to TensorBoard event files; inactive (no-op) when no writer library is installed
+    or on processes other than 0. Non-scalar metrics are skipped."""
+
+    def __init__(self, logdir: str | os.PathLike, *, process_index: int | None = None):
+        cls = _summary_writer_class()
+        self.active = cls is not None and is_main_process(process_index)
+        self._w = cls(str(logdir)) if self.active else None
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if self._w is None:
+            return
+        for k, v in metrics.items():
+            v = to_python(v)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._w.add_scalar(str(k), v, int(step))
+        self._w.flush()
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+            self._w = None
+
+
+class MultiWriter:
+    """Fans each write out to several writers."""
+
+    def __init__(self, *writers: MetricsWriter):
+        self.writers = [w for w in writers if w is not None]
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        for w in self.writers:
+            w.write(step, metrics)
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+
+def make_writer(
+    logdir: str | os.PathLike,
+    *,
+    filename: str = "metrics.jsonl",
+    tensorboard: bool = True,
+    process_index: int | None = None,
+) -> MultiWriter:
+    """``logdir/metrics.jsonl`` plus TensorBoard events in ``logdir/tb`` when available."""
+    writers: list[MetricsWriter] = [JsonlWriter(Path(logdir) / filename, process_index=process_index)]
+    if tensorboard and tensorboard_available():
+        writers.append(TensorBoardWriter(Path(logdir) / "tb", process_index=process_index))
+    return MultiWriter(*writers)
