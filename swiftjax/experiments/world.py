@@ -261,3 +261,28 @@ def main(argv) -> int:
         cfg["sample"]["out"] = cfg["sample"]["out"] or str(Path(cfg["out"]) / "eval_candidates.jsonl")
         sample(cfg)
     return 0
+
+
+def encode_candidate_rows(tok, rows, max_len: int = 128):
+    """Teacher-forced inputs for scoring candidates *as generated*: prompt ids + the sampled
+    response ids (their end token included), right-padded. Returns ids, attention_mask,
+    response_mask, each [N, max_len] int32."""
+    n = len(rows)
+    ids = np.full((n, max_len), wtok.PAD_ID, np.int32)
+    attn = np.zeros_like(ids)
+    resp = np.zeros_like(ids)
+    cache: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        p = cache.get(r["prompt"])
+        if p is None:
+            p = cache[r["prompt"]] = wtok.encode(tok, wtok.format_prompt(r["prompt"]))
+        toks = r.get("token_ids")
+        if toks is None:
+            toks = wtok.encode(tok, r["text"]) + [wtok.END_ID]
+        seq = p + list(toks)
+        if len(seq) > max_len:
+            raise ValueError(f"candidate {r['prompt_id']}#{r['index']}: expected <= {max_len} tokens, got {len(seq)}")
+        ids[i, : len(seq)] = seq
+        attn[i, : len(seq)] = 1
+        resp[i, len(p): len(seq)] = 1
+    return ids, attn, resp
