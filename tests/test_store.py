@@ -1,0 +1,221 @@
+"""Feature store: bf16 round trip (vs a bit-level numpy rounding), ragged rows, shards,
+checksums, and refusal of half-written, truncated or tampered stores; no temporary dirs left."""
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from swiftjax.data.store import (MANIFEST, FeatureStore, FeatureStoreWriter, from_bf16_bits,
+                                 to_bf16_bits)
+
+F_DIM = 6
+
+
+def np_bf16_round(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest, ties to even) with integer bit arithmetic, back to
+    float32. Finite inputs only."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    lsb = (bits >> 16) & 1
+    rounded = ((bits + 0x7FFF + lsb) >> 16) << 16
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def _rows(seed=0, lengths=(3, 1, 7, 4, 2)):
+    rs = np.random.RandomState(seed)
+    return [(rs.randn(n, F_DIM) * 10.0 ** rs.uniform(-3, 3, size=(n, F_DIM))).astype(np.float32)
+            for n in lengths]
+
+
+def _write(path, rows, shard_rows=2, **kw):
+    n = len(rows)
+    labels = (np.arange(n) % 2).astype(np.float32)
+    groups = np.arange(n) // 2
+    with FeatureStoreWriter(path, F_DIM, {"layers": [0, 2], "mode": "hidden"}, shard_rows=shard_rows,
+                            meta={"note": "test"}, **kw) as w:
+        w.add(rows[:2], labels[:2], groups[:2], extras={"index": np.arange(2)})
+        w.add(rows[2:], labels[2:], groups[2:], extras={"index": np.arange(2, n)})
+    return labels, groups
+
+
+def _leftovers(parent):
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_bf16_bits_match_bit_level_rounding():
+    rs = np.random.RandomState(1)
+    x = np.concatenate([rs.randn(5000).astype(np.float32) * 10.0 ** rs.uniform(-30, 30, 5000),
+                        np.float32([0.0, -0.0, 1.0, 1.00390625, 1.01171875, 3.0e38])])  # ties incl.
+    x = x.astype(np.float32)
+    got = from_bf16_bits(to_bf16_bits(x))
+    ref = np_bf16_round(x)
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+    np.testing.assert_array_equal(got, x.astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert np.all(np.abs(got - x) <= 2.0 ** -8 * np.abs(x))
+
+
+def test_round_trip_ragged_rows_across_shards(tmp_path):
+    rows = _rows()
+    labels, groups = _write(tmp_path / "st", rows, shard_rows=2)
+    st = FeatureStore(tmp_path / "st")
+    assert len(st) == 5 and st.feature_dim == F_DIM and st.num_tokens == 17 and st.max_len == 7
+    assert len(st.manifest["shards"]) == 3  # 2 + 2 + 1 rows
+    assert st.spec == {"layers": [0, 2], "mode": "hidden"} and st.meta == {"note": "test"}
+    np.testing.assert_array_equal(st.labels, labels)
+    np.testing.assert_array_equal(st.group_ids, groups)
+    np.testing.assert_array_equal(st.extras["index"], np.arange(5))
+    np.testing.assert_array_equal(st.lengths, [3, 1, 7, 4, 2])
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(st.row(i), np_bf16_round(r))
+    idx = [4, 0, 2]
+    x, m = st.batch(idx)
+    assert x.dtype == np.float32 and x.shape == (3, 7, F_DIM) and m.shape == (3, 7)
+    for j, i in enumerate(idx):
+        n = rows[i].shape[0]
+        np.testing.assert_array_equal(x[j, :n], np_bf16_round(rows[i]))
+        np.testing.assert_allclose(x[j, :n], rows[i], rtol=2.0 ** -8, atol=0)
+        assert np.all(x[j, n:] == 0) and np.all(m[j, :n] == 1) and np.all(m[j, n:] == 0)
+    x2, _ = st.batch(np.array([1]), pad_to=st.max_len)
+    assert x2.shape == (1, 7, F_DIM)
+    assert _leftovers(tmp_path) == []
+
+
+def test_padded_batch_input_keeps_only_masked_tokens(tmp_path):
+    rs = np.random.RandomState(2)
+    x = rs.randn(2, 5, F_DIM).astype(np.float32)
+    m = np.array([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]])
+    with FeatureStoreWriter(tmp_path / "st", F_DIM, shard_bytes=1) as w:  # one row per shard
+        w.add(x, [1, 0], [0, 0], mask=m)
+    st = FeatureStore(tmp_path / "st")
+    assert len(st.manifest["shards"]) == 2
+    np.testing.assert_array_equal(st.row(0), np_bf16_round(x[0, [1, 2, 4]]))
+    np.testing.assert_array_equal(st.row(1), np_bf16_round(x[1]))
+
+
+def test_missing_manifest_is_a_half_written_store(tmp_path):
+    _write(tmp_path / "st", _rows())
+    (tmp_path / "st" / MANIFEST).unlink()
+    with pytest.raises(ValueError, match="half-written"):
+        FeatureStore(tmp_path / "st")
+    with pytest.raises(ValueError, match="expected a directory"):
+        FeatureStore(tmp_path / "nothing")
+
+
+def test_truncated_shard_is_detected_even_without_checksums(tmp_path):
+    _write(tmp_path / "st", _rows())
+    shard = tmp_path / "st" / "shard_00001.npy"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-5])
+    for verify in (True, False):
+        with pytest.raises(ValueError, match="shard 1.*truncated"):
+            FeatureStore(tmp_path / "st", verify=verify)
+
+
+def test_tampered_bytes_fail_the_checksum(tmp_path):
+    _write(tmp_path / "st", _rows())
+    shard = tmp_path / "st" / "shard_00000.npy"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01  # same size, one bit flipped in the features
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256.*shard_00000"):
+        FeatureStore(tmp_path / "st")
+    st = FeatureStore(tmp_path / "st", verify=False)  # opt-out: opens, the bytes are what they are
+    assert len(st) == 5
+
+
+def test_missing_file_and_tampered_labels(tmp_path):
+    _write(tmp_path / "a", _rows())
+    (tmp_path / "a" / "shard_00002.npy").unlink()
+    with pytest.raises(ValueError, match="missing"):
+        FeatureStore(tmp_path / "a")
+    _write(tmp_path / "b", _rows())
+    lab = tmp_path / "b" / "labels.npy"
+    arr = np.load(lab)
+    arr[0] = 1.0 - arr[0]
+    np.save(lab, arr)
+    with pytest.raises(ValueError, match="labels.*sha256"):
+        FeatureStore(tmp_path / "b")
+
+
+def test_edited_manifest_is_refused(tmp_path):
+    _write(tmp_path / "st", _rows())
+    mpath = tmp_path / "st" / MANIFEST
+    m = json.loads(mpath.read_text())
+    m["num_rows"] = 4
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="offsets"):
+        FeatureStore(tmp_path / "st")
+    mpath.write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        FeatureStore(tmp_path / "st")
+
+
+def test_exception_inside_the_writer_leaves_nothing(tmp_path):
+    rows = _rows()
+    with pytest.raises(RuntimeError, match="boom"):
+        with FeatureStoreWriter(tmp_path / "st", F_DIM, shard_rows=1) as w:
+            w.add(rows[:3], [1, 0, 1], [0, 0, 1])  # shards already on disk in the tmp dir
+            assert _leftovers(tmp_path)  # writing happens beside the target
+            raise RuntimeError("boom")
+    assert not (tmp_path / "st").exists()
+    assert _leftovers(tmp_path) == []
+    # a bad add inside the block: ValueError propagates, nothing left
+    with pytest.raises(ValueError, match="feature dim"):
+        with FeatureStoreWriter(tmp_path / "st", F_DIM) as w:
+            w.add([np.zeros((2, F_DIM + 1), np.float32)], [1], [0])
+    assert not (tmp_path / "st").exists() and _leftovers(tmp_path) == []
+    # closing an empty writer fails and cleans up
+    with pytest.raises(ValueError, match="at least one row"):
+        with FeatureStoreWriter(tmp_path / "st", F_DIM):
+            pass
+    assert not (tmp_path / "st").exists() and _leftovers(tmp_path) == []
+
+
+def test_existing_path_needs_overwrite(tmp_path):
+    rows = _rows()
+    _write(tmp_path / "st", rows)
+    with pytest.raises(ValueError, match="already exists"):
+        FeatureStoreWriter(tmp_path / "st", F_DIM)
+    _write(tmp_path / "st", rows[:2], overwrite=True)
+    assert len(FeatureStore(tmp_path / "st")) == 2
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda w: w.add([np.zeros((0, F_DIM), np.float32)], [1], [0]), "empty row"),
+    (lambda w: w.add([np.full((2, F_DIM), np.nan, np.float32)], [1], [0]), "finite"),
+    (lambda w: w.add([np.full((2, F_DIM), 3.4e38, np.float32)], [1], [0]), "overflow"),
+    (lambda w: w.add([np.zeros((2, F_DIM), np.float32)], [1, 0], [0]), "labels"),
+    (lambda w: w.add([np.zeros((2, F_DIM), np.float32)], [2.0], [0]), r"\[0, 1\]"),
+    (lambda w: w.add([np.zeros((2, F_DIM), np.float32)], [1], [0.5]), "group_ids"),
+    (lambda w: w.add([np.zeros((2, F_DIM), np.int32)], [1], [0]), "floating"),
+    (lambda w: w.add(np.zeros((1, 2, F_DIM), np.float32), [1], [0]), "mask"),
+    (lambda w: w.add([np.zeros((2, F_DIM), np.float32)], [1], [0], mask=np.ones((1, 2))), "mask"),
+    (lambda w: w.add(np.zeros((2, F_DIM), np.float32), [1], [0]), r"\[B, T, F\]"),
+])
+def test_bad_adds_raise(tmp_path, call, match):
+    w = FeatureStoreWriter(tmp_path / "st", F_DIM)
+    try:
+        with pytest.raises(ValueError, match=match):
+            call(w)
+    finally:
+        w.abort()
+    assert _leftovers(tmp_path) == []
+
+
+def test_bad_constructor_and_batch_args(tmp_path):
+    with pytest.raises(ValueError, match="feature_dim"):
+        FeatureStoreWriter(tmp_path / "x", 0)
+    with pytest.raises(ValueError, match="JSON"):
+        FeatureStoreWriter(tmp_path / "x", F_DIM, {"f": object()})
+    assert _leftovers(tmp_path) == []
+    _write(tmp_path / "st", _rows())
+    st = FeatureStore(tmp_path / "st")
+    with pytest.raises(ValueError, match="index"):
+        st.batch([0, 5])
+    with pytest.raises(ValueError, match="pad_to"):
+        st.batch([2], pad_to=3)
+    with pytest.raises(ValueError, match="indices"):
+        st.batch([])
