@@ -3,8 +3,8 @@ rollouts, <= 40 epochs, 20% of problems held out, early stop after 3 epochs with
 better validation loss) on the generic optax loop. Unlike the reference, the *best*
 validation weights are returned (the reference keeps a reference to, not a copy of, them).
 
-Features come from a *source*: any object with ``batch(indices) -> (features [B, T, F],
-mask [B, T])`` — the on-disk :class:`swiftjax.data.store.FeatureStore` or the in-memory
+Features come from a *source*: any object with ``feature_dim``, ``max_len`` and
+``batch(indices, pad_to) -> (features [B, T, F], mask [B, T])`` — the on-disk :class:`swiftjax.data.store.FeatureStore` or the in-memory
 :class:`ArraySource`. Rows are candidates; ``groups`` [G, K] holds the row index of each
 rollout of each group (a group = one problem's K rollouts), ``labels`` [G, K] correctness.
 """
@@ -49,11 +49,14 @@ class ArraySource:
             raise ValueError(f"mask: expected shape {features.shape[:2]}, got {mask.shape}")
         self.features, self.mask = features, mask
         self.feature_dim = features.shape[-1]
+        self.max_len = features.shape[1]
 
     def __len__(self):
         return self.features.shape[0]
 
-    def batch(self, indices):
+    def batch(self, indices, pad_to=None):
+        if pad_to not in (None, self.max_len):
+            raise ValueError(f"pad_to: expected None or {self.max_len}, got {pad_to}")
         idx = np.asarray(indices)
         return np.asarray(self.features[idx], np.float32), np.asarray(self.mask[idx])
 
@@ -82,7 +85,7 @@ def _group_loss(cfg: SwiftTrainConfig):
 
 def _make_batch(source, groups, labels, gids):
     rows = groups[gids].reshape(-1)
-    feats, mask = source.batch(rows)
+    feats, mask = source.batch(rows, pad_to=source.max_len)  # one shape: one compilation
     return {"features": jnp.asarray(feats), "mask": jnp.asarray(mask),
             "labels": jnp.asarray(labels[gids], jnp.float32)}
 
@@ -143,7 +146,7 @@ def score_rows(params, source, rows, batch_size: int = 256) -> np.ndarray:
     rows = np.asarray(rows)
     out = []
     for s in range(0, len(rows), batch_size):
-        f, m = source.batch(rows[s:s + batch_size])
+        f, m = source.batch(rows[s:s + batch_size], pad_to=source.max_len)
         out.append(np.asarray(_score(params, jnp.asarray(f), jnp.asarray(m))))
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
