@@ -110,7 +110,7 @@ def train(cfg: dict, *, progress: bool = True) -> Path:
                    checkpointer=ckpt.Checkpointer(out / "ckpt", max_to_keep=2),
                    ckpt_every=tcfg["ckpt_every"], writer=writer, log_every=50, progress=progress,
                    desc="world model")
-    model = loop.nnx_merge(graphdef, res.state.params, frozen)
+    model = loop.nnx_merge(graphdef, res.state.params, res.state.frozen)  # the input frozen was donated
     final = res.history[-1] if res.history else {}
     print(f"world model: {res.steps} steps in {time.time() - t0:.0f}s, validation {final}")
     return export(model, mcfg, tok, out / "model", overwrite=True)
