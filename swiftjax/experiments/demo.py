@@ -14,7 +14,6 @@ outputs from an earlier run when the inputs that determine them are unchanged.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -23,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from swiftjax import bon
-from swiftjax.config import load_config, to_dataclass
+from swiftjax.config import load_config
 from swiftjax.data import candidates as cands
 from swiftjax.data import world
+from swiftjax.experiments import swift_run
 from swiftjax.experiments import world as wexp
 
 DEFAULTS = {
@@ -46,15 +46,11 @@ DEFAULTS = {
 }
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def candidates_for(cfg: dict, split: str, n_problems: int, model, tok, log) -> list[dict]:
     """Sampled candidates of a split, cached under out/ keyed by what determines them."""
     out = Path(cfg["out"])
     model_dir = Path(cfg["model"] or wexp.ASSET_DIR)
-    key = _digest({"split": split, "n_problems": n_problems, "n": cfg["n"], "seed": cfg["seed"],
+    key = swift_run.digest({"split": split, "n_problems": n_problems, "n": cfg["n"], "seed": cfg["seed"],
                    "sampling": cfg["sampling"], "model": wexp.file_digest(model_dir / "model.safetensors")})
     path = out / f"candidates_{split}_{key}.jsonl"
     if path.is_file():
@@ -73,24 +69,8 @@ def candidates_for(cfg: dict, split: str, n_problems: int, model, tok, log) -> l
     return rows
 
 
-def _in_group_order(rows, prompt_ids):
-    """Rows sorted as cands.group lays them out: prompt order, then candidate index."""
-    pos = {p: i for i, p in enumerate(prompt_ids)}
-    return sorted(rows, key=lambda r: (pos[r["prompt_id"]], r["index"]))
-
-
-def groups_of(ids: list[str], n: int, per_group: int) -> np.ndarray:
-    """[G, per_group] row indices: each problem's n rollouts cut into n / per_group groups."""
-    if n % per_group:
-        raise ValueError(f"rollouts_per_group: expected a divisor of n={n}, got {per_group}")
-    rows = np.arange(len(ids) * n).reshape(len(ids), n)
-    return rows.reshape(-1, per_group)
-
-
 def run(cfg: dict) -> dict:
     from swiftjax import features as feats
-    from swiftjax.data.store import FeatureStore
-    from swiftjax.swift_train import SwiftTrainConfig, train_head
 
     t_start = time.time()
     out = Path(cfg["out"])
@@ -102,39 +82,18 @@ def run(cfg: dict) -> dict:
     test_rows = candidates_for(cfg, "test", cfg["n_test_problems"], model, tok, log)
     train_rows = candidates_for(cfg, "train", cfg["n_train_problems"], model, tok, log)
 
-    # -- features of the training candidates -> checksummed on-disk store
-    tr_ids, tr_arr = cands.group(train_rows)
-    ordered = _in_group_order(train_rows, tr_ids)
-    ids, attn, resp = wexp.encode_candidate_rows(tok, ordered, cfg["max_len"])
-    store_dir = out / f"features_{_digest({'rows': _digest([r['token_ids'] for r in ordered]), 'spec': cfg['features']})}"
-    t0 = time.time()
-    try:
-        store = FeatureStore(store_dir)
-        log(f"reusing {store_dir}")
-    except ValueError:  # absent, half-written or corrupt: (re)build it
-        problem_index = np.repeat(np.arange(len(tr_ids)), cfg["n"])
-        feats.write_store(store_dir, model, spec, ids, attn, resp, tr_arr["correct"].reshape(-1).astype(np.float32),
-                          problem_index, batch_size=cfg["extract_batch"], progress=cfg["progress"],
-                          overwrite=True)
-        store = FeatureStore(store_dir)
-        log(f"extracted features of {len(store)} candidates -> {store_dir} in {time.time() - t0:.0f}s")
-
-    # -- train the head
-    groups = groups_of(tr_ids, cfg["n"], cfg["rollouts_per_group"])
-    labels = tr_arr["correct"].reshape(-1)[groups]
-    scfg = to_dataclass(SwiftTrainConfig, cfg["swift"], "swift")
-    t0 = time.time()
-    params, info = train_head(store, groups, labels, scfg, progress=cfg["progress"])
-    log(f"trained SWIFT head ({info['num_params']} params) in {time.time() - t0:.0f}s, "
-        f"best val loss {info['best_val_loss']:.4f}")
+    # -- features of the training candidates -> checksummed on-disk store; train the head
+    store, tr_ids, tr_arr = swift_run.feature_store_for(model, tok, train_rows, spec, out, max_len=cfg["max_len"],
+                                                        batch_size=cfg["extract_batch"], progress=cfg["progress"],
+                                                        log=log)
+    params, info = swift_run.train_on_store(store, tr_arr["correct"], cfg, log=log)
+    swift_run.save_head(out / "head", params, spec, info)
 
     # -- fused scoring of the test candidates
     te_ids, te_arr = cands.group(test_rows)
-    ordered_te = _in_group_order(test_rows, te_ids)
-    ids, attn, resp = wexp.encode_candidate_rows(tok, ordered_te, cfg["max_len"])
     t0 = time.time()
-    scores = feats.fused_scores_batched(model, params, spec, ids, attn, resp,
-                                        batch_size=cfg["extract_batch"], progress=cfg["progress"])
+    scores = swift_run.score_rows(model, tok, params, spec, swift_run.in_group_order(test_rows, te_ids),
+                                  max_len=cfg["max_len"], batch_size=cfg["extract_batch"], progress=cfg["progress"])
     log(f"fused-scored {len(scores)} test candidates in {time.time() - t0:.0f}s")
     scores = scores.reshape(te_arr["correct"].shape)
 
@@ -146,8 +105,7 @@ def run(cfg: dict) -> dict:
         "n_train_problems": len(tr_ids),
         "n": cfg["n"],
         "pass@1": float(te_arr["correct"].mean() * 100),
-        "swift": {"features": cfg["features"], "feature_dim": int(store.feature_dim), **info,
-                  "config": {k: v for k, v in scfg.__dict__.items()}},
+        "swift": {"features": cfg["features"], "feature_dim": int(store.feature_dim), **info},
         "wall_seconds": round(time.time() - t_start, 1),
     }
     k = str(cfg["n"])
