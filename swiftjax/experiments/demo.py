@@ -30,10 +30,12 @@ from swiftjax.experiments import world as wexp
 
 DEFAULTS = {
     "out": "runs/demo",
+    "cache": None,                      # where candidates and feature stores live (default: out)
     "seed": 0,
     "model": None,                      # world-model dir; default: the shipped one
     "n_test_problems": 300,
     "n_train_problems": 1000,
+    "train_problems_used": None,        # train the head on the first m sampled problems only
     "n": 16,
     "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 64,
                  "prompt_len": 64, "batch_size": 512},
@@ -48,7 +50,7 @@ DEFAULTS = {
 
 def candidates_for(cfg: dict, split: str, n_problems: int, model, tok, log) -> list[dict]:
     """Sampled candidates of a split, cached under out/ keyed by what determines them."""
-    out = Path(cfg["out"])
+    out = Path(cfg["cache"] or cfg["out"])
     model_dir = Path(cfg["model"] or wexp.ASSET_DIR)
     key = swift_run.digest({"split": split, "n_problems": n_problems, "n": cfg["n"], "seed": cfg["seed"],
                    "sampling": cfg["sampling"], "model": wexp.file_digest(model_dir / "model.safetensors")})
@@ -69,7 +71,7 @@ def candidates_for(cfg: dict, split: str, n_problems: int, model, tok, log) -> l
     return rows
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: dict, *, report: bool = True) -> dict:
     from swiftjax import features as feats
 
     t_start = time.time()
@@ -81,9 +83,14 @@ def run(cfg: dict) -> dict:
 
     test_rows = candidates_for(cfg, "test", cfg["n_test_problems"], model, tok, log)
     train_rows = candidates_for(cfg, "train", cfg["n_train_problems"], model, tok, log)
+    if cfg["train_problems_used"]:
+        keep = set(world.make_split("train", cfg["n_train_problems"], seed=cfg["seed"])[i].id
+                   for i in range(min(cfg["train_problems_used"], cfg["n_train_problems"])))
+        train_rows = [r for r in train_rows if r["prompt_id"] in keep]
+    cache = Path(cfg["cache"] or out)
 
     # -- features of the training candidates -> checksummed on-disk store; train the head
-    store, tr_ids, tr_arr = swift_run.feature_store_for(model, tok, train_rows, spec, out, max_len=cfg["max_len"],
+    store, tr_ids, tr_arr = swift_run.feature_store_for(model, tok, train_rows, spec, cache, max_len=cfg["max_len"],
                                                         batch_size=cfg["extract_batch"], progress=cfg["progress"],
                                                         log=log)
     params, info = swift_run.train_on_store(store, tr_arr["correct"], cfg, log=log)
@@ -113,8 +120,9 @@ def run(cfg: dict) -> dict:
     result["gap_closed"] = (result["bon"]["swift"][k] - result["pass@1"]) / gap if gap > 0 else None
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
     np.save(out / "test_scores.npy", scores)
-    plot_bon(result, out / "bon.png")
-    print_table(result)
+    if report:
+        plot_bon(result, out / "bon.png")
+        print_table(result)
     return result
 
 
