@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m swiftjax.cli demo
+	$(PY) -m swiftjax.cli demo configs/demo.yaml
 
 ablations: $(STAMP)
 	$(PY) -m swiftjax.cli ablate configs/ablations
