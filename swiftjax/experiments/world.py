@@ -112,8 +112,29 @@ def train(cfg: dict, *, progress: bool = True) -> Path:
                    desc="world model")
     model = loop.nnx_merge(graphdef, res.state.params, res.state.frozen)  # the input frozen was donated
     final = res.history[-1] if res.history else {}
-    print(f"world model: {res.steps} steps in {time.time() - t0:.0f}s, validation {final}")
-    return export(model, mcfg, tok, out / "model", overwrite=True)
+    seconds = time.time() - t0
+    print(f"world model: {res.steps} steps in {seconds:.0f}s, validation {final}")
+    d = export(model, mcfg, tok, out / "model", overwrite=True)
+    write_manifest(d, cfg, {"train_seconds": round(seconds, 1), "validation": final})
+    return d
+
+
+def write_manifest(model_dir: Path, cfg: dict, info: dict) -> Path:
+    """MANIFEST.json: sha256 of every file, the full config and how to regenerate the model."""
+    import jax as _jax
+
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name != "MANIFEST.json")
+    manifest = {
+        "regenerate": "swiftjax world train configs/world.yaml  # then copy runs/world/model here",
+        "sha256": {p.name: file_digest(p) for p in files},
+        "config": cfg,
+        "software": {"jax": _jax.__version__, "python": sys.version.split()[0]},
+        **info,
+    }
+    path = model_dir / "MANIFEST.json"
+    path.write_text(json.dumps(manifest, indent=2, default=str))
+    return path
 
 
 def export(model, mcfg: ModelConfig, tok, path: Path, overwrite: bool = False) -> Path:
