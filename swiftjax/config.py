@@ -60,8 +60,19 @@ def apply_overrides(cfg: dict, overrides: Sequence[str]) -> dict:
             raise ValueError(
                 f"override {item!r}: unknown key {key!r}; known here: {sorted(node)} (prefix with + to add)"
             )
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_value(raw)
     return cfg
+
+
+def parse_value(raw: str):
+    """YAML-typed value; numbers YAML 1.1 reads as strings (``1e-3``) become floats."""
+    v = yaml.safe_load(raw)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), defaults: Mapping | None = None) -> dict:

@@ -11,8 +11,8 @@ def test_overrides_are_typed_and_strict(tmp_path):
     base.write_text("a: 1\nsec:\n  lr: 0.1\n  layers: [1, 2]\n")
     child = tmp_path / "child.yaml"
     child.write_text("base: base.yaml\nsec:\n  lr: 0.5\n")
-    cfg = load_config(child, ["sec.layers=[3, 4, 5]", "a=true", "+extra.k=x"])
-    assert cfg == {"a": True, "sec": {"lr": 0.5, "layers": [3, 4, 5]}, "extra": {"k": "x"}}
+    cfg = load_config(child, ["sec.layers=[3, 4, 5]", "a=true", "+extra.k=x", "sec.lr=1e-3"])
+    assert cfg == {"a": True, "sec": {"lr": 1e-3, "layers": [3, 4, 5]}, "extra": {"k": "x"}}
     with pytest.raises(ValueError, match="unknown key 'sec.lrr'"):
         apply_overrides(cfg, ["sec.lrr=1"])
     with pytest.raises(ValueError, match="expected key=value"):

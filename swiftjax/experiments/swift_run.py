@@ -99,15 +99,28 @@ def train_on_store(store, correct, cfg: dict, *, log=print):
 
 def save_head(path: Path, params, spec, info: dict) -> Path:
     """A trained head as an orbax checkpoint plus its feature spec (``head.json``)."""
+    import shutil
+    import tempfile
+
     from swiftjax.train.ckpt import Checkpointer
 
     path = Path(path)
-    ck = Checkpointer(path / "ckpt", max_to_keep=1, async_save=False)
-    ck.save(0, {"params": params}, {"spec": spec.to_dict()})
-    ck.wait_until_finished()
-    shape = [int(d) for d in np.shape(params["kernel"])]
-    (path / "head.json").write_text(json.dumps({"spec": spec.to_dict(), "kernel_shape": shape, "info": info},
-                                               indent=2, default=float))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:  # build beside the target, then swap it in: a rerun replaces the old head whole
+        ck = Checkpointer(tmp / "ckpt", max_to_keep=1, async_save=False)
+        ck.save(0, {"params": params}, {"spec": spec.to_dict()})
+        ck.wait_until_finished()
+        ck.close()
+        shape = [int(d) for d in np.shape(params["kernel"])]
+        (tmp / "head.json").write_text(json.dumps({"spec": spec.to_dict(), "kernel_shape": shape, "info": info},
+                                                  indent=2, default=float))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
 
 
