@@ -84,13 +84,15 @@ def _single(logits_list, extra):
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "cfg", "combine", "cache_dtype"),
                    donate_argnames=())
-def _generate(states, extra, input_ids, attention_mask, key, *, graphdefs, cfg, combine,
-              cache_dtype):
+def _generate(states, extra, input_ids, attention_mask, key, extra_inputs=None, *, graphdefs, cfg,
+              combine, cache_dtype):
     models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
     b, t = input_ids.shape
     n = cfg.max_new_tokens
-    caches = [init_cache(m.config, b, t + n, cache_dtype) for m in models]
-    outs = [m(input_ids, attention_mask, cache=c, last_only=True) for m, c in zip(models, caches)]
+    prompts = [(input_ids, attention_mask)] + list(extra_inputs or [None] * (len(models) - 1))
+    prompts = [(input_ids, attention_mask) if p is None else p for p in prompts]
+    caches = [init_cache(m.config, b, p[0].shape[1] + n, cache_dtype) for m, p in zip(models, prompts)]
+    outs = [m(p[0], p[1], cache=c, last_only=True) for m, p, c in zip(models, prompts, caches)]
     caches = [o.cache for o in outs]
     logits = combine([o.logits[:, -1] for o in outs], extra)
     eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
@@ -128,13 +130,16 @@ def _generate(states, extra, input_ids, attention_mask, key, *, graphdefs, cfg, 
 
 def generate(model, input_ids, attention_mask=None, *, key=None, cfg: SamplingConfig,
              extra_models: Sequence = (), combine: Callable | None = None, combine_args=None,
-             cache_dtype=jnp.float32) -> GenerateOutput:
+             cache_dtype=jnp.float32, extra_inputs: Sequence | None = None) -> GenerateOutput:
     """Sample continuations of left-padded prompts.
 
     input_ids / attention_mask: [B, T] (left padding). ``key`` is required unless greedy.
     ``extra_models`` decode in lock step with ``model`` (same token ids, own caches);
     ``combine(list_of_logits [B, V], combine_args) -> logits [B, V]`` merges their
     next-token logits (``combine_args`` is a traced pytree, e.g. guidance weights).
+    ``extra_inputs``: optional, one entry per extra model, ``None`` (prefill with the base's
+    prompt) or that model's own left-padded ``(ids [B, T_i], mask [B, T_i])`` (e.g. its own
+    prompt template); after the prefill every model consumes the same sampled ids.
     """
     input_ids = jnp.asarray(input_ids)
     check_rank(input_ids, "input_ids", 2, "[B, T]")
@@ -152,13 +157,41 @@ def generate(model, input_ids, attention_mask=None, *, key=None, cfg: SamplingCo
     models = [model, *extra_models]
     if len(models) > 1 and combine is None:
         raise ValueError("generate: extra_models need a combine function for their logits")
-    for m in models:
+    if extra_inputs is not None:
+        extra_inputs = _check_extra_inputs(extra_inputs, len(extra_models), input_ids.shape[0])
+    lens = [input_ids.shape[1]] + [input_ids.shape[1] if p is None else p[0].shape[1]
+                                   for p in (extra_inputs or [None] * len(extra_models))]
+    for m, t in zip(models, lens):
         limit = m.config.max_position_embeddings
-        if m.config.is_gpt2 and input_ids.shape[1] + cfg.max_new_tokens > limit:
+        if m.config.is_gpt2 and t + cfg.max_new_tokens > limit:
             raise ValueError(f"prompt + max_new_tokens: expected <= {limit} positions for gpt2")
     split = [nnx.split(m) for m in models]
     graphdefs = tuple(g for g, _ in split)
     states = [s for _, s in split]
     return _generate(states, combine_args, input_ids.astype(jnp.int32), attention_mask.astype(jnp.int32),
-                     key, graphdefs=graphdefs, cfg=cfg, combine=combine or _single,
+                     key, extra_inputs, graphdefs=graphdefs, cfg=cfg, combine=combine or _single,
                      cache_dtype=cache_dtype)
+
+
+def _check_extra_inputs(extra_inputs, k: int, b: int):
+    """Validate per-extra-model prompts: a length-k sequence of None or (ids, mask) [B, T_i]."""
+    if isinstance(extra_inputs, (str, bytes)) or len(extra_inputs) != k:
+        raise ValueError(f"extra_inputs: expected one entry per extra model ({k}), got "
+                         f"{len(extra_inputs) if hasattr(extra_inputs, '__len__') else extra_inputs!r}")
+    out = []
+    for i, item in enumerate(extra_inputs):
+        if item is None:
+            out.append(None)
+            continue
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"extra_inputs[{i}]: expected None or a pair (ids, mask), got {type(item).__name__}")
+        ids, mask = jnp.asarray(item[0]), jnp.asarray(item[1])
+        check_rank(ids, f"extra_inputs[{i}] ids", 2, "[B, T_i]")
+        check_int(ids, f"extra_inputs[{i}] ids")
+        check_same_shape(ids, mask, f"extra_inputs[{i}] ids", f"extra_inputs[{i}] mask")
+        if ids.shape[0] != b:
+            raise ValueError(f"extra_inputs[{i}]: expected batch B={b} rows, got {ids.shape[0]}")
+        if np.any(np.asarray(mask)[:, -1] == 0):
+            raise ValueError(f"extra_inputs[{i}] mask: expected left padding (every row's last token real)")
+        out.append((ids.astype(jnp.int32), mask.astype(jnp.int32)))
+    return tuple(out)
