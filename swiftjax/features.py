@@ -63,7 +63,7 @@ __all__ = [
     "generate_with_scores",
 ]
 
-MODES = ("hidden", "logits", "topk", "topk_logprobs")
+MODES = ("hidden", "logits", "topk", "topk_logprobs", "token_logprobs")
 _LOGITS_MODE = {"logits": "full", "topk": "topk", "topk_logprobs": "topk_logprobs"}
 
 
@@ -82,8 +82,10 @@ class FeatureSpec:
       indices in [0, L]; features concatenate them in increasing index order whatever the order
       given. Used by mode ``'hidden'`` only.
     apply_norm: pass every selected state through the model's final norm (mode ``'hidden'``).
-    mode: ``'hidden'`` | ``'logits'`` (full vocabulary) | ``'topk'`` | ``'topk_logprobs'``.
-    k: the number of logits kept by the top-k modes (None otherwise).
+    mode: ``'hidden'`` | ``'logits'`` (full vocabulary) | ``'topk'`` | ``'topk_logprobs'`` |
+      ``'token_logprobs'`` (ours: the log-prob the model gave each response token, the entropy
+      of the distribution it was drawn from, and that distribution's k largest log-probs).
+    k: the number of logits kept by the top-k modes (None otherwise; 'token_logprobs': k >= 0).
     """
 
     layers: tuple[int, ...] | str = "all"
@@ -120,6 +122,11 @@ class FeatureSpec:
             if not _is_int(self.k) or self.k < 1:
                 raise ValueError(f"FeatureSpec.k: expected an int >= 1 for mode {self.mode!r}, got {self.k!r}")
             object.__setattr__(self, "k", int(self.k))
+        elif self.mode == "token_logprobs":
+            k = 0 if self.k is None else self.k
+            if not _is_int(k) or k < 0:
+                raise ValueError(f"FeatureSpec.k: expected an int >= 0 or None for mode 'token_logprobs', got {self.k!r}")
+            object.__setattr__(self, "k", int(k))
         elif self.k is not None:
             raise ValueError(f"FeatureSpec.k: expected None for mode {self.mode!r}, got {self.k!r}")
 
@@ -176,6 +183,10 @@ def feature_dim(spec: FeatureSpec, cfg: ModelConfig) -> int:
         return len(resolve_layers(spec, cfg.num_layers)) * cfg.hidden_size
     if spec.mode == "logits":
         return cfg.vocab_size
+    if spec.mode == "token_logprobs":
+        if spec.k > cfg.vocab_size:
+            raise ValueError(f"FeatureSpec.k: expected <= vocab size {cfg.vocab_size}, got {spec.k}")
+        return 2 + spec.k
     if spec.k > cfg.vocab_size:
         raise ValueError(f"FeatureSpec.k: expected <= vocab size {cfg.vocab_size}, got {spec.k}")
     return spec.k
@@ -233,9 +244,30 @@ def _features(model, ids, attn, resp, spec: FeatureSpec, layers):
         flat = nnx.to_pure_dict(inter)
         x = jnp.concatenate([flat[f"state_{i:03d}"][0].astype(jnp.float32) for i in layers], axis=-1)
     else:
-        logits = model(ids, attn).logits
-        x = swift.logits_features(logits, _LOGITS_MODE[spec.mode], spec.k)
+        x = _logit_feats(model(ids, attn).logits, ids, spec)
     return jnp.where(resp[..., None] > 0, x, 0.0)
+
+
+def token_logprob_features(logits, ids, k: int = 0):
+    """Per token t: [log p(ids[t] | ids[<t]), entropy of that distribution, its k largest
+    log-probs (sorted)] -> [B, T, 2 + k] float32, read from the logits at t - 1 (zeros at t = 0).
+
+    A sampled mistake is a token the model itself found unlikely; a linear gate over these
+    features can weight such tokens, which hidden states alone expose only bilinearly."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    prev = jnp.concatenate([jnp.zeros_like(lp[:, :1]), lp[:, :-1]], axis=1)
+    tok = jnp.take_along_axis(prev, ids[..., None].astype(jnp.int32), axis=-1)
+    ent = -jnp.sum(jnp.exp(prev) * prev, axis=-1, keepdims=True)
+    parts = [tok, ent]
+    if k:
+        parts.append(jax.lax.top_k(prev, k)[0])
+    return jnp.concatenate(parts, axis=-1)
+
+
+def _logit_feats(logits, ids, spec: FeatureSpec):
+    if spec.mode == "token_logprobs":
+        return token_logprob_features(logits, ids, spec.k)
+    return swift.logits_features(logits, _LOGITS_MODE[spec.mode], spec.k)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "layers"))
@@ -435,8 +467,11 @@ def fused_projections(model, params, ids, attn, spec: FeatureSpec, layers, *, fo
         for i in taps.layers:
             proj = proj + flat[f"proj_{i:03d}"][0]
         return proj, out
+    if spec.mode == "token_logprobs" and cache is not None:
+        raise ValueError("FeatureSpec.mode 'token_logprobs': a token's log-prob comes from the previous "
+                         "step's logits; running scores while decoding support the other modes")
     out = model(ids, attn, cache=cache)
-    x = swift.logits_features(out.logits, _LOGITS_MODE[spec.mode], spec.k)
+    x = _logit_feats(out.logits, ids, spec)
     proj = jnp.einsum("btf,fc->btc", x, params["kernel"].astype(jnp.float32))
     return proj + params["bias"].astype(jnp.float32), out
 

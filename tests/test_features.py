@@ -3,6 +3,7 @@ scoring and a numpy head), and the running score while decoding (vs teacher-forc
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -366,3 +367,21 @@ def test_generate_with_scores_bad_inputs(models):
         F.generate_with_scores(model, p, spec, ids, right, key=jax.random.key(0), cfg=sc)
     with pytest.raises(ValueError, match="SamplingConfig"):
         F.generate_with_scores(model, p, spec, ids, mask, key=jax.random.key(0), cfg={"max_new_tokens": 2})
+
+
+def test_token_logprob_features_match_numpy():
+    from swiftjax.features import token_logprob_features
+
+    rs = np.random.RandomState(0)
+    logits = rs.randn(2, 5, 11).astype(np.float32) * 2
+    ids = rs.randint(0, 11, size=(2, 5))
+    got = np.asarray(token_logprob_features(jnp.asarray(logits), jnp.asarray(ids), k=3))
+    x = logits.astype(np.float64)
+    lp = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+    assert got.shape == (2, 5, 5)
+    np.testing.assert_array_equal(got[:, 0], 0.0)
+    for b in range(2):
+        for t in range(1, 5):
+            prev = lp[b, t - 1]
+            ref = [prev[ids[b, t]], -(np.exp(prev) * prev).sum(), *np.sort(prev)[::-1][:3]]
+            np.testing.assert_allclose(got[b, t], ref, rtol=1e-5, atol=1e-5)
