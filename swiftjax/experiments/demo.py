@@ -40,9 +40,9 @@ DEFAULTS = {
     "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 64,
                  "prompt_len": 64, "batch_size": 512},
     "max_len": 128,                     # teacher-forced prompt + response
-    "features": {"layers": "all", "apply_norm": False, "mode": "hidden", "k": None},
+    "features": {"layers": "all", "apply_norm": False, "mode": "token_logprobs", "k": 4},
     "rollouts_per_group": 8,            # training groups of the recipe (2 problems x 8 rollouts)
-    "swift": {},                        # SwiftTrainConfig fields
+    "swift": {"loss": "dpo"},           # SwiftTrainConfig fields
     "extract_batch": 256,
     "progress": True,
 }
