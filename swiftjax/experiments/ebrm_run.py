@@ -95,7 +95,7 @@ DEFAULTS = {
              "num_neg": 128, "stds": [3.5], "beta": 0.1, "lam": 0.05, "lr": 3.0e-3,
              "weight_decay": 0.01, "batch_size": 256, "epochs": 20, "max_steps": None, "shuffle": True},
     "refine": {"steps": 50, "lr0": 0.5, "eta": 0.2, "min_lr": 1.0e-6, "init": "hybrid", "seeds": 5},
-    "swift": {"features": None},
+    "swift": {"features": None, "head": None},
 }
 
 
@@ -634,7 +634,7 @@ def run(cfg: dict, *, progress: bool | None = None) -> dict:
     test_ids, test_rows, correct_te = order_rows(cands.read_candidates(paths["test"]))
     tok = wtok.load_tokenizer(model_dir)
     max_len = int(cfg["rm"]["max_len"])
-    ids_all, attn_all, _ = encode_rows(tok, train_rows + test_rows, max_len)  # one T: one compilation
+    ids_all, attn_all, resp_all = encode_rows(tok, train_rows + test_rows, max_len)  # one T: one compilation
     n_tr = len(train_rows)
     ids_tr, attn_tr = ids_all[:n_tr], attn_all[:n_tr]
     pc = cfg["pairs"]
@@ -685,6 +685,16 @@ def run(cfg: dict, *, progress: bool | None = None) -> dict:
         results["rm"][f"{level:g}"] = res
         print(f"noise {level:g}: pref acc {_fmt(res['base']['pref_acc'])} -> {_fmt(res['ebrm']['pref_acc'])}, "
               f"BoN@{n} {_fmt(res['base'][f'bon@{n}'])} -> {_fmt(res['ebrm'][f'bon@{n}'])}", flush=True)
+    if cfg.get("swift", {}).get("head") and not cfg["swift"].get("features"):
+        # EBRM over a trained SWIFT head on the same candidates: e = gate-weighted mean feature,
+        # r0 = the SWIFT score; the filter uses the clean training pairs (SWIFT saw true labels)
+        from swiftjax.experiments.swift_run import load_head
+
+        head, spec = load_head(Path(cfg["swift"]["head"]))
+        e_sw, r_sw = swift_arrays(lm, head, spec, ids_all, attn_all, resp_all, batch_size=sbs)
+        cfg["swift"]["features"] = str(write_swift_arrays(
+            out / "swift_arrays.npz", e_sw[:n_tr], r_sw[:n_tr], clean, e_sw[n_tr:], r_sw[n_tr:], correct_te,
+            test_pairs=test_pairs))
     if cfg.get("swift", {}).get("features"):
         sw = load_swift_arrays(cfg["swift"]["features"])
         with JsonlWriter(out / "swift_ebrm_metrics.jsonl") as w:

@@ -256,7 +256,9 @@ def make_train_step(
     state_sharding: Any = None,
     batch_sharding: Any = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-    """Jitted ``train_step(state, batch) -> (state, metrics)``; the input state is donated.
+    """Jitted ``train_step(state, batch) -> (state, metrics)``; the input state is donated,
+    except ``state.frozen``, which is passed through untouched (callers keep using it, e.g. an
+    eval function built on the same frozen weights).
 
     On a mesh, pass sharded inputs (:func:`swiftjax.train.mesh.shard_state` /
     ``shard_batch``) and, to pin the layout of the updated state, ``state_sharding`` (e.g.
@@ -264,11 +266,24 @@ def make_train_step(
     Without them the partitioner propagates the inputs' shardings.
     """
     step = train_step_fn(loss_fn, tx, lr_fn=lr_fn)
+
+    def split_step(trained, frozen, batch):
+        new, metrics = step(trained.replace(frozen=frozen), batch)
+        return new.replace(frozen=None), metrics
+
     kw: dict = {"donate_argnums": (0,) if donate else ()}
     if state_sharding is not None or batch_sharding is not None:
-        kw["in_shardings"] = (state_sharding, batch_sharding)
-        kw["out_shardings"] = (state_sharding, None)
-    return jax.jit(step, **kw)
+        trained_sharding = None if state_sharding is None else state_sharding.replace(frozen=None)
+        frozen_sharding = None if state_sharding is None else state_sharding.frozen
+        kw["in_shardings"] = (trained_sharding, frozen_sharding, batch_sharding)
+        kw["out_shardings"] = (trained_sharding, None)
+    jitted = jax.jit(split_step, **kw)
+
+    def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        new, metrics = jitted(state.replace(frozen=None), state.frozen, batch)
+        return new.replace(frozen=state.frozen), metrics
+
+    return train_step
 
 
 # ----------------------------------------------------------------------------- eval
