@@ -62,3 +62,27 @@ def check_finite(x, name: str) -> None:
         return
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}: expected finite values, found NaN or inf")
+
+
+def concrete(x):
+    """``x`` as a numpy array, or None when it is a tracer (inside jit)."""
+    try:
+        return np.asarray(x)
+    except Exception:  # tracer
+        return None
+
+
+def check_scalar(x, name: str, positive: bool = False, nonneg: bool = False) -> None:
+    """Raise unless ``x`` is a scalar; when concrete, also unless finite (and > 0 / >= 0)."""
+    if np.ndim(x) != 0:
+        raise ValueError(f"{name}: expected a scalar, got shape {np.shape(x)}")
+    v = concrete(x)
+    if v is None:
+        return
+    v = float(v)
+    if not np.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {v}")
+    if positive and v <= 0:
+        raise ValueError(f"{name}: expected a positive number, got {v}")
+    if nonneg and v < 0:
+        raise ValueError(f"{name}: expected a non-negative number, got {v}")

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swiftjax._checks import check_finite, check_float, check_rank
+from swiftjax._checks import check_finite, check_float, check_rank, check_scalar, concrete
 
 __all__ = [
     "arm_loss",
@@ -37,26 +37,6 @@ __all__ = [
 ]
 
 _sg = jax.lax.stop_gradient
-
-
-def _concrete(x):
-    try:
-        return np.asarray(x)
-    except Exception:  # tracer
-        return None
-
-
-def _check_scalar(x, name: str, positive: bool = False) -> None:
-    if np.ndim(x) != 0:
-        raise ValueError(f"{name}: expected a scalar, got shape {np.shape(x)}")
-    v = _concrete(x)
-    if v is None:
-        return
-    v = float(v)
-    if not np.isfinite(v):
-        raise ValueError(f"{name}: expected a finite number, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"{name}: expected a positive number, got {v}")
 
 
 def _check_seq(x, name: str, B: int | None = None) -> int:
@@ -111,11 +91,11 @@ def arm_loss(arm_w, arm_l, beta_r=0.05, gamma=0.0, kind: str = "sigmoid",
     """
     B = _check_seq(arm_w, "arm_w")
     _check_seq(arm_l, "arm_l", B)
-    _check_scalar(beta_r, "beta_r", positive=True)
-    _check_scalar(gamma, "gamma")
+    check_scalar(beta_r, "beta_r", positive=True)
+    check_scalar(gamma, "gamma")
     if kind not in ("sigmoid", "hinge"):
         raise ValueError(f"kind: expected 'sigmoid' or 'hinge', got {kind!r}")
-    g = _concrete(gamma)
+    g = concrete(gamma)
     if kind == "hinge" and (g is None or float(g) != 0.0):
         raise ValueError(f"gamma: the hinge loss has no target margin; expected gamma=0, got {gamma!r}")
     if length_normalize:
@@ -125,7 +105,7 @@ def arm_loss(arm_w, arm_l, beta_r=0.05, gamma=0.0, kind: str = "sigmoid",
             check_rank(x, n, 1, "[B]")
             if x.shape[0] != B:
                 raise ValueError(f"{n}: expected shape [B]=({B},), got {tuple(x.shape)}")
-            v = _concrete(x)
+            v = concrete(x)
             if v is not None and np.any(v <= 0):
                 raise ValueError(f"{n}: expected positive lengths, got min {v.min()}")
         arm_w = jnp.asarray(arm_w, jnp.float32) / jnp.asarray(len_w, jnp.float32)
@@ -138,7 +118,7 @@ def arm_loss(arm_w, arm_l, beta_r=0.05, gamma=0.0, kind: str = "sigmoid",
 def arm_reward(seq_logprob, beta_r=0.05):
     """ARM reward ``beta_r * sum_t log pi_r(y_t | x, y_<t)``: [B] -> [B] float32."""
     check_float(seq_logprob, "seq_logprob")
-    _check_scalar(beta_r, "beta_r", positive=True)
+    check_scalar(beta_r, "beta_r", positive=True)
     return jnp.float32(beta_r) * jnp.asarray(seq_logprob, jnp.float32)
 
 
@@ -233,7 +213,7 @@ def guided_logprobs(base_logits, arm_logits, alphas, temperature=1.0):
     """``log_softmax(guided_logits(...) / temperature)``: [B, V] float32 log-probs of the
     guided next-token distribution (``∝ pi_base * prod_i pi_arm_i^alpha_i`` at T = 1)."""
     packed, alphas = _prepare(base_logits, arm_logits, alphas)
-    _check_scalar(temperature, "temperature", positive=True)
+    check_scalar(temperature, "temperature", positive=True)
     return _guided_logprobs(base_logits, packed, alphas, jnp.float32(temperature))
 
 
@@ -246,7 +226,7 @@ def sample_guided(key, base_logits, arm_logits, alphas, temperature=1.0):
       [B] int32 token ids in [0, V).
     """
     packed, alphas = _prepare(base_logits, arm_logits, alphas)
-    _check_scalar(temperature, "temperature", positive=True)
+    check_scalar(temperature, "temperature", positive=True)
     return _sample(key, base_logits, packed, alphas, jnp.float32(temperature))
 
 

@@ -66,6 +66,8 @@ from swiftjax._checks import (
     check_int,
     check_rank,
     check_same_shape,
+    check_scalar,
+    concrete,
 )
 
 __all__ = [
@@ -92,13 +94,6 @@ ARWC_EPS = 1e-6
 # ----------------------------------------------------------------------------- checks
 
 
-def _concrete(x):
-    try:
-        return np.asarray(x)
-    except Exception:  # tracer
-        return None
-
-
 def _check_seq(x, name: str, B: int | None = None) -> int:
     """A [B] float array of sequence log-probs / rewards; returns B."""
     check_rank(x, name, 1, "[B]")
@@ -107,21 +102,6 @@ def _check_seq(x, name: str, B: int | None = None) -> int:
     if B is not None and x.shape[0] != B:
         raise ValueError(f"{name}: expected shape [B]=({B},), got {tuple(x.shape)}")
     return int(x.shape[0])
-
-
-def _check_scalar(x, name: str, positive: bool = False, nonneg: bool = False) -> None:
-    if np.ndim(x) != 0:
-        raise ValueError(f"{name}: expected a scalar, got shape {np.shape(x)}")
-    v = _concrete(x)
-    if v is None:
-        return
-    v = float(v)
-    if not np.isfinite(v):
-        raise ValueError(f"{name}: expected a finite number, got {v}")
-    if positive and v <= 0:
-        raise ValueError(f"{name}: expected a positive number, got {v}")
-    if nonneg and v < 0:
-        raise ValueError(f"{name}: expected a non-negative number, got {v}")
 
 
 def _check_choice(value, name: str, choices) -> None:
@@ -213,7 +193,7 @@ def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.1):
     B = _check_seq(pi_w, "pi_w")
     for x, n in ((pi_l, "pi_l"), (ref_w, "ref_w"), (ref_l, "ref_l")):
         _check_seq(x, n, B)
-    _check_scalar(beta, "beta", positive=True)
+    check_scalar(beta, "beta", positive=True)
     return _dpo_jit(pi_w, pi_l, ref_w, ref_l, _f32(beta))
 
 
@@ -240,7 +220,7 @@ def _check_weights(weights, K: int, B: int | None, name: str = "weights") -> Non
     if not ok:
         want = f"[K]=({K},)" + (f" or [K, B]=({K}, {B})" if B is not None else "")
         raise ValueError(f"{name}: expected shape {want}, got {shape}")
-    w = _concrete(weights)
+    w = concrete(weights)
     if w is None:
         return
     w = w.astype(np.float64)
@@ -351,7 +331,7 @@ def ctro_eps(ref_w, ref_l, eps=0.1):
       ``eps_l = eps - eps_w`` with ``b = mean_k ref[k]`` (even split when both are 0).
     """
     _check_refs(ref_w, ref_l)
-    _check_scalar(eps, "eps")
+    check_scalar(eps, "eps")
     return _eps_jit(ref_w, ref_l, _f32(eps))
 
 
@@ -485,10 +465,10 @@ def mrpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.1, eps=0.1, weighting: str = "arw
     B = _check_seq(pi_w, "pi_w")
     _check_seq(pi_l, "pi_l", B)
     K, _ = _check_refs(ref_w, ref_l, B)
-    _check_scalar(beta, "beta", positive=True)
+    check_scalar(beta, "beta", positive=True)
     clip = eps is not None
     if clip:
-        _check_scalar(eps, "eps")
+        check_scalar(eps, "eps")
     _check_choice(weighting, "weighting", ("arwc", "uniform", "fixed"))
     _check_choice(convention, "convention", ("paper", "code"))
     _check_choice(virtual, "virtual", ("harmonic", "geometric"))
@@ -693,6 +673,6 @@ def kl_regularised_pg_loss(logp_tokens, ref_logp_tokens, rewards, mask, beta=0.0
     check_rank(mask, "mask", 2, "[B, T]")
     check_same_shape(logp_tokens, mask, "logp_tokens", "mask")
     _check_seq(rewards, "rewards", logp_tokens.shape[0])
-    _check_scalar(beta, "beta", nonneg=True)
+    check_scalar(beta, "beta", nonneg=True)
     _check_choice(baseline, "baseline", ("mean", "loo", "none"))
     return _pg(logp_tokens, ref_logp_tokens, rewards, jnp.asarray(mask), _f32(beta), baseline)

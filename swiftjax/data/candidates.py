@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from swiftjax import bon
+from swiftjax._io import atomic_file
 from swiftjax.data import gsm8k
 from swiftjax.data import math as math_grader
 
@@ -93,25 +93,12 @@ def write_candidates(path, rows: Iterable[Mapping]) -> int:
     file is removed and an existing file at ``path`` is left as it was. Returns the number
     of rows written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                validate_row(row, f"row {n}")
-                f.write(json.dumps(dict(row), ensure_ascii=False, allow_nan=False) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            validate_row(row, f"row {n}")
+            f.write(json.dumps(dict(row), ensure_ascii=False, allow_nan=False) + "\n")
+            n += 1
     return n
 
 

@@ -47,12 +47,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from swiftjax._io import atomic_file
 
 from swiftjax.data import candidates as _cands
 from swiftjax.data import tokenizer as wtok
@@ -448,20 +449,8 @@ def save_pair_data(path, data: Mapping[str, np.ndarray]) -> Path:
     for k, v in data.items():
         if np.asarray(v).dtype == object:
             raise ValueError(f"data[{k!r}]: expected a numeric or unicode array, got dtype object")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in data.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_file(path, "wb", suffix=".npz") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in data.items()})
     return path
 
 

@@ -1,0 +1,27 @@
+"""Atomic file writes: nothing half-written is ever left at the destination."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "w", suffix: str = ".tmp", **open_kw):
+    """``with atomic_file(p, "wb") as f: ...`` writes a temp file beside ``p`` and renames it
+    over ``p`` only when the block succeeds (fsync'd first); on any error the temp file is
+    removed and an existing ``p`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **open_kw) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
