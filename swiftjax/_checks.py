@@ -86,3 +86,13 @@ def check_scalar(x, name: str, positive: bool = False, nonneg: bool = False) -> 
         raise ValueError(f"{name}: expected a positive number, got {v}")
     if nonneg and v < 0:
         raise ValueError(f"{name}: expected a non-negative number, got {v}")
+
+
+def check_vector(x, name: str, B: int | None = None) -> int:
+    """A finite float [B] array (sequence log-probs, rewards); returns B."""
+    check_rank(x, name, 1, "[B]")
+    check_float(x, name)
+    check_finite(x, name)
+    if B is not None and x.shape[0] != B:
+        raise ValueError(f"{name}: expected shape [B]=({B},), got {tuple(x.shape)}")
+    return int(x.shape[0])

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swiftjax._checks import check_finite, check_float, check_rank, check_scalar, concrete
+from swiftjax._checks import check_finite, check_float, check_rank, check_scalar, check_vector, concrete
 
 __all__ = [
     "arm_loss",
@@ -37,15 +37,6 @@ __all__ = [
 ]
 
 _sg = jax.lax.stop_gradient
-
-
-def _check_seq(x, name: str, B: int | None = None) -> int:
-    check_rank(x, name, 1, "[B]")
-    check_float(x, name)
-    check_finite(x, name)
-    if B is not None and x.shape[0] != B:
-        raise ValueError(f"{name}: expected shape [B]=({B},), got {tuple(x.shape)}")
-    return int(x.shape[0])
 
 
 # ----------------------------------------------------------------------------- ARM training
@@ -89,8 +80,8 @@ def arm_loss(arm_w, arm_l, beta_r=0.05, gamma=0.0, kind: str = "sigmoid",
       ``reward_rejected`` (means of ``beta_r * lp``), ``reward_margin``, ``accuracy``
       (chosen reward strictly above rejected).
     """
-    B = _check_seq(arm_w, "arm_w")
-    _check_seq(arm_l, "arm_l", B)
+    B = check_vector(arm_w, "arm_w")
+    check_vector(arm_l, "arm_l", B)
     check_scalar(beta_r, "beta_r", positive=True)
     check_scalar(gamma, "gamma")
     if kind not in ("sigmoid", "hinge"):

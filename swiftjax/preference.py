@@ -67,6 +67,7 @@ from swiftjax._checks import (
     check_rank,
     check_same_shape,
     check_scalar,
+    check_vector,
     concrete,
 )
 
@@ -92,16 +93,6 @@ ARWC_EPS = 1e-6
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _check_seq(x, name: str, B: int | None = None) -> int:
-    """A [B] float array of sequence log-probs / rewards; returns B."""
-    check_rank(x, name, 1, "[B]")
-    check_float(x, name)
-    check_finite(x, name)
-    if B is not None and x.shape[0] != B:
-        raise ValueError(f"{name}: expected shape [B]=({B},), got {tuple(x.shape)}")
-    return int(x.shape[0])
 
 
 def _check_choice(value, name: str, choices) -> None:
@@ -190,9 +181,9 @@ def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.1):
       (means of ``beta*(pi - ref)``), ``reward_margin`` (mean chosen minus rejected
       reward), ``accuracy`` (fraction with chosen reward strictly above rejected).
     """
-    B = _check_seq(pi_w, "pi_w")
+    B = check_vector(pi_w, "pi_w")
     for x, n in ((pi_l, "pi_l"), (ref_w, "ref_w"), (ref_l, "ref_l")):
-        _check_seq(x, n, B)
+        check_vector(x, n, B)
     check_scalar(beta, "beta", positive=True)
     return _dpo_jit(pi_w, pi_l, ref_w, ref_l, _f32(beta))
 
@@ -462,8 +453,8 @@ def mrpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.1, eps=0.1, weighting: str = "arw
       across methods), ``weight_primary`` (mean alpha_0) and ``clip_frac`` (fraction of
       extra-reference log-probs changed by CTRO).
     """
-    B = _check_seq(pi_w, "pi_w")
-    _check_seq(pi_l, "pi_l", B)
+    B = check_vector(pi_w, "pi_w")
+    check_vector(pi_l, "pi_l", B)
     K, _ = _check_refs(ref_w, ref_l, B)
     check_scalar(beta, "beta", positive=True)
     clip = eps is not None
@@ -530,8 +521,8 @@ def bt_reward_loss(r_demo, r_gen):
       ``(loss, metrics)``: ``loss = mean -log sigmoid(r_demo - r_gen)``; metrics as
       :func:`dpo_loss` (rewards are the inputs).
     """
-    B = _check_seq(r_demo, "r_demo")
-    _check_seq(r_gen, "r_gen", B)
+    B = check_vector(r_demo, "r_demo")
+    check_vector(r_gen, "r_gen", B)
     return _bt(r_demo, r_gen)
 
 
@@ -672,7 +663,7 @@ def kl_regularised_pg_loss(logp_tokens, ref_logp_tokens, rewards, mask, beta=0.0
     _check_tokens(ref_logp_tokens, "ref_logp_tokens", logp_tokens.shape)
     check_rank(mask, "mask", 2, "[B, T]")
     check_same_shape(logp_tokens, mask, "logp_tokens", "mask")
-    _check_seq(rewards, "rewards", logp_tokens.shape[0])
+    check_vector(rewards, "rewards", logp_tokens.shape[0])
     check_scalar(beta, "beta", nonneg=True)
     _check_choice(baseline, "baseline", ("mean", "loo", "none"))
     return _pg(logp_tokens, ref_logp_tokens, rewards, jnp.asarray(mask), _f32(beta), baseline)

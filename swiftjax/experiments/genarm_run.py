@@ -579,7 +579,7 @@ def markdown(res: dict) -> str:
     """The results as markdown tables."""
     c = res["config"]
     g = c["guide"]
-    lines = [f"# GenARM in the embedded world",
+    lines = ["# GenARM in the embedded world",
              "",
              f"{c['problems']} {g['split']} problems x {g['n']} samples, temperature {g['temperature']}, "
              f"{g['max_new_tokens']} new tokens; pass@1 in % (± s.e. over problems); length in tokens.",
@@ -609,7 +609,7 @@ def markdown(res: dict) -> str:
 
 def guide_main(argv) -> int:
     cfg = _parse(argv)
-    res = guide(cfg)
+    guide(cfg)
     print((Path(cfg["out"]) / "results.md").read_text())
     return 0
 
