@@ -173,6 +173,14 @@ def _check_params(params, cfg: EBRMConfig) -> None:
         )
 
 
+def _check_r0(r0, e) -> None:
+    """Base rewards: a finite float [B] matching e's batch."""
+    check_rank(r0, "r0", 1, "[B]")
+    check_float(r0, "r0")
+    check_leading(r0, "r0", (np.shape(e)[0],), "[B]")
+    check_finite(r0, "r0")
+
+
 def _check_e(e, cfg: EBRMConfig) -> None:
     check_rank(e, "e", 2, "[B, De]")
     check_float(e, "e")
@@ -454,10 +462,7 @@ def nce_plus_loss(
     """
     _check_params(params, cfg)
     _check_e(e, cfg)
-    check_rank(r0, "r0", 1, "[B]")
-    check_float(r0, "r0")
-    check_leading(r0, "r0", (np.shape(e)[0],), "[B]")
-    check_finite(r0, "r0")
+    _check_r0(r0, e)
     stds = _check_stds(stds)
     num_neg = _pos_int(num_neg, "num_neg")
     beta = _check_pos_float(beta, "beta", allow_zero=True)
@@ -659,10 +664,7 @@ def refine(
     """
     _check_params(params, cfg)
     _check_e(e, cfg)
-    check_rank(r0, "r0", 1, "[B]")
-    check_float(r0, "r0")
-    check_leading(r0, "r0", (np.shape(e)[0],), "[B]")
-    check_finite(r0, "r0")
+    _check_r0(r0, e)
     if init not in INIT_MODES:
         raise ValueError(f"init: expected one of {INIT_MODES}, got {init!r}")
     if key is None:
