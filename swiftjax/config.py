@@ -82,6 +82,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), defaults
     return apply_overrides(cfg, overrides)
 
 
+def config_from_argv(argv: Sequence[str] | None, defaults: Mapping | None = None) -> dict:
+    """The command-line form every swiftjax command takes: ``[CONFIG.yaml] [key=value ...]``.
+    The first argument is a config file when it has no ``=``; the rest are overrides."""
+    argv = list(argv or [])
+    path = argv[0] if argv and "=" not in argv[0] else None
+    return load_config(path, argv[1:] if path is not None else argv, defaults=defaults)
+
+
 def to_dataclass(cls, d: Mapping[str, Any] | None, where: str = ""):
     """Build dataclass ``cls`` from a mapping; unknown keys raise ValueError naming them.
     Lists become tuples (dataclasses used as static jit args must be hashable)."""

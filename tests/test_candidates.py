@@ -76,6 +76,36 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.jsonl"]
 
 
+def test_cached_candidates_reuses_only_under_the_same_key(tmp_path):
+    path = tmp_path / "c.jsonl"
+    calls = []
+
+    def sampler(seed):
+        def make():
+            calls.append(seed)
+            return make_rows(seed=seed)
+        return make
+
+    first = cs.cached_candidates(path, {"seed": 0, "model": "abc"}, sampler(0))
+    assert first == make_rows(seed=0) and calls == [0]
+    # same key (key order does not matter): read back, no sampling
+    assert cs.cached_candidates(path, {"model": "abc", "seed": 0}, sampler(99)) == first and calls == [0]
+    # another key: resampled and the key replaced
+    second = cs.cached_candidates(path, {"seed": 1, "model": "abc"}, sampler(1))
+    assert second == make_rows(seed=1) and calls == [0, 1]
+    assert json.loads(cs.key_path(path).read_text())["seed"] == 1
+    # rows without their key (a run killed between the two writes) are never trusted
+    cs.key_path(path).unlink()
+    assert cs.cached_candidates(path, {"seed": 1, "model": "abc"}, sampler(1)) == second and calls == [0, 1, 1]
+    # a failing sampler leaves no key, the earlier rows untouched and no temp files
+    def broken():
+        raise RuntimeError("sampling died")
+    with pytest.raises(RuntimeError, match="sampling died"):
+        cs.cached_candidates(path, {"seed": 2}, broken)
+    assert not cs.key_path(path).exists() and cs.read_candidates(path) == second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
 @pytest.mark.parametrize("field", cs.REQUIRED)
 def test_read_names_line_and_missing_field(tmp_path, field):
     rows = make_rows(p=1, n=3)

@@ -2,7 +2,7 @@
 import pytest
 
 from swiftjax import cli
-from swiftjax.config import apply_overrides, load_config, to_dataclass
+from swiftjax.config import apply_overrides, config_from_argv, load_config, to_dataclass
 from swiftjax.decode import SamplingConfig
 
 
@@ -19,6 +19,22 @@ def test_overrides_are_typed_and_strict(tmp_path):
         apply_overrides(cfg, ["sec.lr"])
     with pytest.raises(ValueError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_config_from_argv_takes_optional_file_then_overrides(tmp_path):
+    defaults = {"a": 1, "sec": {"lr": 0.1}}
+    f = tmp_path / "c.yaml"
+    f.write_text("sec:\n  lr: 0.5\n")
+    assert config_from_argv([], defaults) == defaults
+    assert config_from_argv(None, defaults) == defaults
+    assert config_from_argv(["a=2"], defaults) == {"a": 2, "sec": {"lr": 0.1}}
+    assert config_from_argv([str(f)], defaults) == {"a": 1, "sec": {"lr": 0.5}}
+    assert config_from_argv([str(f), "sec.lr=3e-4", "a=0"], defaults) == {"a": 0, "sec": {"lr": 3e-4}}
+    assert defaults == {"a": 1, "sec": {"lr": 0.1}}  # not mutated
+    with pytest.raises(ValueError, match="expected key=value"):  # a second file is not an override
+        config_from_argv([str(f), str(f)], defaults)
+    with pytest.raises(ValueError, match="does not exist"):
+        config_from_argv([str(tmp_path / "nope.yaml"), "a=2"], defaults)
 
 
 def test_to_dataclass_names_unknown_keys():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,33 @@ def write_candidates(path, rows: Iterable[Mapping]) -> int:
             f.write(json.dumps(dict(row), ensure_ascii=False, allow_nan=False) + "\n")
             n += 1
     return n
+
+
+def key_path(path) -> Path:
+    """Where :func:`cached_candidates` keeps the key of the candidate file ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".key.json")
+
+
+def cached_candidates(path, key: Mapping, make_rows: Callable[[], Iterable[Mapping]]) -> list[dict]:
+    """Candidate rows cached at ``path`` and reused while ``key`` is unchanged.
+
+    ``key`` names everything that determines the rows (problems, sampling settings, batch layout,
+    the model's sha256); it is stored beside the file (:func:`key_path`) *after* the rows, both
+    atomically, so a missing or different key means "sample again" and a run killed in between
+    resamples instead of reading stale rows. ``make_rows()`` is called only on a miss.
+    """
+    path = Path(path)
+    kp = key_path(path)
+    want = json.dumps(key, sort_keys=True, default=str, indent=1) + "\n"
+    if path.is_file() and kp.is_file() and kp.read_text(encoding="utf-8") == want:
+        return read_candidates(path)
+    kp.unlink(missing_ok=True)
+    rows = [dict(r) for r in make_rows()]
+    write_candidates(path, rows)
+    with atomic_file(kp, "w", encoding="utf-8") as f:
+        f.write(want)
+    return rows
 
 
 def read_candidates(path) -> list[dict]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from swiftjax import bon
-from swiftjax.config import load_config
+from swiftjax.config import config_from_argv
 from swiftjax.data import candidates as cands
 from swiftjax.data import world
 from swiftjax.experiments import swift_run
@@ -52,23 +52,25 @@ def candidates_for(cfg: dict, split: str, n_problems: int, model, tok, log) -> l
     """Sampled candidates of a split, cached under out/ keyed by what determines them."""
     out = Path(cfg["cache"] or cfg["out"])
     model_dir = Path(cfg["model"] or wexp.ASSET_DIR)
-    key = swift_run.digest({"split": split, "n_problems": n_problems, "n": cfg["n"], "seed": cfg["seed"],
-                   "sampling": cfg["sampling"], "model": wexp.file_digest(model_dir / "model.safetensors")})
-    path = out / f"candidates_{split}_{key}.jsonl"
+    key = {"split": split, "n_problems": n_problems, "n": cfg["n"], "seed": cfg["seed"],
+           "sampling": cfg["sampling"], "model_sha256": wexp.file_digest(model_dir / "model.safetensors")}
+    path = out / f"candidates_{split}_{swift_run.digest(key)}.jsonl"
+
+    def sample():
+        problems = world.make_split(split, n_problems, seed=cfg["seed"])
+        s = cfg["sampling"]
+        t0 = time.time()
+        rows = wexp.sample_candidates(model, tok, problems, n=cfg["n"], temperature=s["temperature"],
+                                      top_p=s["top_p"], top_k=s["top_k"], max_new_tokens=s["max_new_tokens"],
+                                      prompt_len=s["prompt_len"], batch_size=s["batch_size"],
+                                      seed=cfg["seed"] + (0 if split == "test" else 1),
+                                      progress=cfg["progress"])
+        log(f"sampled {len(rows)} {split} candidates in {time.time() - t0:.0f}s")
+        return rows
+
     if path.is_file():
-        log(f"reusing {path}")
-        return cands.read_candidates(path)
-    problems = world.make_split(split, n_problems, seed=cfg["seed"])
-    s = cfg["sampling"]
-    t0 = time.time()
-    rows = wexp.sample_candidates(model, tok, problems, n=cfg["n"], temperature=s["temperature"],
-                                  top_p=s["top_p"], top_k=s["top_k"], max_new_tokens=s["max_new_tokens"],
-                                  prompt_len=s["prompt_len"], batch_size=s["batch_size"],
-                                  seed=cfg["seed"] + (0 if split == "test" else 1),
-                                  progress=cfg["progress"])
-    cands.write_candidates(path, rows)
-    log(f"sampled {len(rows)} {split} candidates in {time.time() - t0:.0f}s")
-    return rows
+        log(f"candidates: {path}")
+    return cands.cached_candidates(path, key, sample)
 
 
 def run(cfg: dict, *, report: bool = True) -> dict:
@@ -159,8 +161,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv) -> int:
-    path = argv[0] if argv and "=" not in argv[0] else None
-    cfg = load_config(path, argv[1:] if path else argv, defaults=DEFAULTS)
+    cfg = config_from_argv(argv, DEFAULTS)
     run(cfg)
     return 0
 

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from swiftjax import bon, ebrm
-from swiftjax.config import load_config, to_dataclass
+from swiftjax.config import config_from_argv, to_dataclass
 from swiftjax.data import candidates as cands
 from swiftjax.data import tokenizer as wtok
 
@@ -528,24 +528,22 @@ def ensure_candidates(cfg: dict, which: str, model_dir: Path, *, progress: bool 
         if not path.is_file():
             raise ValueError(f"candidates.{which}.path: expected a candidate jsonl, {path} does not exist")
         return path
-    out = Path(cfg["out"])
-    path = out / f"candidates_{which}.jsonl"
-    meta_path = out / f"candidates_{which}.meta.json"
-    spec = {k: sub[k] for k in ("split", "n_problems", "n", "seed")}
-    spec.update({k: c[k] for k in ("split_seed", "temperature", "top_p", "top_k", "max_new_tokens", "prompt_len",
-                                   "batch_size")})  # the sampling keys depend on the batch layout
-    spec["world"] = cfg.get("world") or {}
-    spec["model_sha256"] = wexp.file_digest(Path(model_dir) / "model.safetensors")
-    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == spec:
-        return path
-    meta_path.unlink(missing_ok=True)
-    model, _, tok = wexp.load_world_model(model_dir)
-    problems = world.make_split(sub["split"], sub["n_problems"], _world_cfg(cfg), seed=c["split_seed"])
-    rows = wexp.sample_candidates(model, tok, problems, n=sub["n"], temperature=c["temperature"], top_p=c["top_p"],
-                                  top_k=c["top_k"], max_new_tokens=c["max_new_tokens"], prompt_len=c["prompt_len"],
-                                  batch_size=c["batch_size"], seed=sub["seed"], progress=progress)
-    cands.write_candidates(path, rows)
-    meta_path.write_text(json.dumps(spec, indent=2) + "\n")
+    path = Path(cfg["out"]) / f"candidates_{which}.jsonl"
+    key = {k: sub[k] for k in ("split", "n_problems", "n", "seed")}
+    key.update({k: c[k] for k in ("split_seed", "temperature", "top_p", "top_k", "max_new_tokens", "prompt_len",
+                                  "batch_size")})  # the sampling keys depend on the batch layout
+    key["world"] = cfg.get("world") or {}
+    key["model_sha256"] = wexp.file_digest(Path(model_dir) / "model.safetensors")
+
+    def sample():
+        model, _, tok = wexp.load_world_model(model_dir)
+        problems = world.make_split(sub["split"], sub["n_problems"], _world_cfg(cfg), seed=c["split_seed"])
+        return wexp.sample_candidates(model, tok, problems, n=sub["n"], temperature=c["temperature"],
+                                      top_p=c["top_p"], top_k=c["top_k"], max_new_tokens=c["max_new_tokens"],
+                                      prompt_len=c["prompt_len"], batch_size=c["batch_size"], seed=sub["seed"],
+                                      progress=progress)
+
+    cands.cached_candidates(path, key, sample)
     return path
 
 
@@ -718,8 +716,7 @@ def main(argv) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print("usage: swiftjax train-ebrm [CONFIG.yaml] [key=value ...]", file=sys.stderr)
         return 0
-    path = argv[0] if argv and "=" not in argv[0] else None
-    cfg = load_config(path, argv[1:] if path else argv, defaults=DEFAULTS)
+    cfg = config_from_argv(argv, DEFAULTS)
     results = run(cfg)
     print(results_markdown(results))
     print(f"wrote {Path(cfg['out']) / 'results.json'} and results.md")

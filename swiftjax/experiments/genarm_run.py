@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from swiftjax import arm as arm_lib
-from swiftjax.config import load_config
+from swiftjax.config import config_from_argv
 from swiftjax.data import candidates as cands
 from swiftjax.data import tokenizer as wtok
 from swiftjax.data import world
@@ -92,9 +92,7 @@ DEFAULTS = {
 
 
 def _parse(argv) -> dict:
-    argv = list(argv or [])
-    path = argv[0] if argv and "=" not in argv[0] else None
-    cfg = load_config(path, argv[1:] if path else argv, defaults=DEFAULTS)
+    cfg = config_from_argv(argv, DEFAULTS)
     bad = [a for a in cfg["arms"] if a not in ARM_NAMES]
     if bad:
         raise ValueError(f"arms: expected names from {ARM_NAMES}, got {bad}")
@@ -354,17 +352,23 @@ def sft_warmup(model, tok, cfg: dict, steps: int, progress: bool = True):
 # ----------------------------------------------------------------------------- train_main
 
 
-def training_candidates(cfg: dict, model, tok, progress: bool = True) -> list[dict]:
+def training_candidates(cfg: dict, model_dir: Path, model, tok, progress: bool = True) -> list[dict]:
+    """The ARM's training candidates: ``candidates.path``, or sampled from the base model at
+    ``model_dir`` into ``out/candidates_train.jsonl`` (reused while their key is unchanged)."""
     c = cfg["candidates"]
     if c["path"]:
         return cands.read_candidates(c["path"])
-    problems = world.make_split("train", int(c["n_problems"]), wexp.world_config(cfg), seed=cfg["seed"])
-    rows = wexp.sample_candidates(model, tok, problems, n=int(c["n"]), temperature=float(c["temperature"]),
-                                  max_new_tokens=int(c["max_new_tokens"]), prompt_len=int(c["prompt_len"]),
-                                  batch_size=int(c["batch_size"]), seed=int(c["seed"]), progress=progress)
-    path = Path(cfg["out"]) / "candidates_train.jsonl"
-    cands.write_candidates(path, rows)
-    return rows
+    key = {k: c[k] for k in ("n_problems", "n", "temperature", "max_new_tokens", "prompt_len", "batch_size", "seed")}
+    key.update(split="train", split_seed=cfg["seed"], world=cfg.get("world") or {},
+               model_sha256=wexp.file_digest(Path(model_dir) / "model.safetensors"))
+
+    def sample():
+        problems = world.make_split("train", int(c["n_problems"]), wexp.world_config(cfg), seed=cfg["seed"])
+        return wexp.sample_candidates(model, tok, problems, n=int(c["n"]), temperature=float(c["temperature"]),
+                                      max_new_tokens=int(c["max_new_tokens"]), prompt_len=int(c["prompt_len"]),
+                                      batch_size=int(c["batch_size"]), seed=int(c["seed"]), progress=progress)
+
+    return cands.cached_candidates(Path(cfg["out"]) / "candidates_train.jsonl", key, sample)
 
 
 def _check_train_split(rows) -> None:
@@ -382,7 +386,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base_dir = wexp.default_model_dir({"sample": {"model": cfg["base"]}})
     base, mcfg, tok = wexp.load_world_model(base_dir)
-    rows = training_candidates(cfg, base, tok, progress)
+    rows = training_candidates(cfg, base_dir, base, tok, progress)
     _check_train_split(rows)
     p = cfg["pairs"]
     seed = int(cfg["seed"])

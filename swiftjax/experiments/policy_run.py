@@ -72,7 +72,7 @@ import numpy as np
 from flax import nnx
 
 from swiftjax import lm, preference
-from swiftjax.config import load_config
+from swiftjax.config import config_from_argv
 from swiftjax.data import candidates as cands
 from swiftjax.data import prefs
 from swiftjax.data import tokenizer as wtok
@@ -319,12 +319,6 @@ def _cycle(batches):
         if not any_:
             raise ValueError("training data: expected at least one batch per epoch, got none")
         epoch += 1
-
-
-def _load_config(argv, defaults):
-    argv = list(argv or [])
-    path = argv[0] if argv and "=" not in argv[0] else None
-    return load_config(path, argv[1:] if path else argv, defaults=defaults)
 
 
 def _write_results(out: Path, results: Mapping, md: str) -> None:
@@ -698,7 +692,7 @@ def run_irft(cfg: dict) -> dict:
 
 def irft_main(argv) -> int:
     """``swiftjax train-irft [CONFIG.yaml] [key=value ...]``."""
-    cfg = _load_config(argv, IRFT_DEFAULTS)
+    cfg = config_from_argv(argv, IRFT_DEFAULTS)
     run_irft(cfg)
     return 0
 
@@ -805,8 +799,12 @@ def _pref_metrics(pi_w, pi_l, data, method: Method | None, ref_index, beta, weig
     return out
 
 
+def _model_key(d) -> str:
+    return wexp.file_digest(Path(d) / "model.safetensors")
+
+
 def _pairs_meta(cfg, policy_dir, refs, cand_source) -> str:
-    return json.dumps(to_python({"policy": str(policy_dir), "refs": [[n, str(d)] for n, d in refs],
+    return json.dumps(to_python({"policy": _model_key(policy_dir), "refs": [[n, _model_key(d)] for n, d in refs],
                                  "candidates": cand_source, "pairs": {k: v for k, v in cfg["pairs"].items()
                                                                       if k != "counts"}}), sort_keys=True)
 
@@ -820,24 +818,25 @@ def build_mrpo_data(cfg, out: Path, policy_dir: Path, refs, tok) -> dict:
         source = str(cand_path)
     else:
         cand_path = out / f"candidates_{c['split']}.jsonl"
-        source = {k: v for k, v in c.items() if k != "path"}
+        source = {**{k: v for k, v in c.items() if k != "path"}, "generation": cfg["generation"]}
     meta = _pairs_meta(cfg, policy_dir, refs, source)
     store = out / "pairs.npz"
     if store.is_file():
         data = prefs.load_pair_data(store)
         if str(data.get("meta", "")) == meta:
             return data
-    if not c["path"]:
-        gen_meta = out / "candidates_meta.json"
-        want = json.dumps(to_python({"policy": str(policy_dir), **source}), sort_keys=True)
-        if not (cand_path.is_file() and gen_meta.is_file() and gen_meta.read_text() == want):
+    if c["path"]:
+        rows = cands.read_candidates(cand_path)
+    else:
+        def sample():
             model, _, _ = wexp.load_world_model(policy_dir)
             problems = world.make_split(c["split"], int(c["n_problems"]), _world_cfg(cfg), seed=_sft_seed(cfg))
-            rows = _sample(model, tok, problems, cfg, n=int(c["n"]), temperature=float(c["temperature"]),
+            return _sample(model, tok, problems, cfg, n=int(c["n"]), temperature=float(c["temperature"]),
                            seed=int(c["seed"]))
-            cands.write_candidates(cand_path, rows)
-            gen_meta.write_text(want)
-    rows = cands.read_candidates(cand_path)
+
+        key = to_python({"policy_sha256": _model_key(policy_dir), "world": cfg.get("world") or {},
+                         "split_seed": _sft_seed(cfg), **source})
+        rows = cands.cached_candidates(cand_path, key, sample)
     pairs = prefs.make_pairs(rows, int(pc["max_per_prompt"]), seed=int(pc["seed"]))
     if not pairs:
         raise ValueError(f"{cand_path}: no prompt has both a correct and an incorrect candidate")
@@ -1051,7 +1050,7 @@ def run_mrpo(cfg: dict) -> dict:
 
 def mrpo_main(argv) -> int:
     """``swiftjax train-mrpo [CONFIG.yaml] [key=value ...]``."""
-    cfg = _load_config(argv, MRPO_DEFAULTS)
+    cfg = config_from_argv(argv, MRPO_DEFAULTS)
     run_mrpo(cfg)
     return 0
 

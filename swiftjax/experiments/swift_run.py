@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from swiftjax import bon
-from swiftjax.config import load_config, to_dataclass
+from swiftjax.config import config_from_argv, to_dataclass
 from swiftjax.data import candidates as cands
 
 DEFAULTS = {
@@ -155,16 +155,11 @@ def score_rows(model, tok, params, spec, rows, *, max_len: int, batch_size: int,
                                       progress=progress)
 
 
-def _cfg(argv):
-    path = argv[0] if argv and "=" not in argv[0] else None
-    return load_config(path, argv[1:] if path else argv, defaults=DEFAULTS)
-
-
 def train_main(argv) -> int:
     from swiftjax import features as feats
     from swiftjax.experiments.world import load_world_model
 
-    cfg = _cfg(argv)
+    cfg = config_from_argv(argv, DEFAULTS)
     if not cfg["candidates"]:
         raise ValueError("train-swift: expected candidates=PATH.jsonl (a sampled candidate set)")
     model, _, tok = load_world_model(cfg["model"])
@@ -186,7 +181,7 @@ def score_main(argv) -> int:
         return score_refine_main(argv)
     from swiftjax.experiments.world import load_world_model
 
-    cfg = _cfg(argv)
+    cfg = config_from_argv(argv, DEFAULTS)
     if not cfg["candidates"] or not cfg["head"]:
         raise ValueError("score: expected candidates=PATH.jsonl and head=DIR")
     model, _, tok = load_world_model(cfg["model"])

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from swiftjax import bon
-from swiftjax.config import load_config, to_dataclass
+from swiftjax.config import config_from_argv, to_dataclass
 from swiftjax.data import candidates as cands
 from swiftjax.data import tokenizer as wtok
 from swiftjax.data import world
@@ -269,8 +269,7 @@ def main(argv) -> int:
         print("usage: swiftjax world train|export|sample|eval [CONFIG.yaml] [key=value ...]", file=sys.stderr)
         return 2
     sub, rest = argv[0], argv[1:]
-    path = rest[0] if rest and not rest[0].count("=") else None
-    cfg = load_config(path, rest[1:] if path else rest, defaults=DEFAULTS)
+    cfg = config_from_argv(rest, DEFAULTS)
     if sub == "train":
         d = train(cfg)
         print(f"exported {d} (model.safetensors sha256 {file_digest(d / 'model.safetensors')[:16]})")
