@@ -6,18 +6,9 @@ import random
 
 import numpy as np
 import pytest
+from realdata import GSM8K_KEYS, data_file
 
 from swiftjax.data import candidates as cs
-from swiftjax.data.paths import data_dir
-
-GSM8K_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
-
-
-def _data(name):
-    d = data_dir()
-    if d is None or not (d / name).is_file():
-        pytest.skip(f"real data {name} not found (../shared/data or $SWIFTJAX_DATA)")
-    return d / name
 
 
 def make_rows(p=3, n=4, seed=0, scores=("a", "b")):
@@ -184,7 +175,7 @@ def test_group_errors():
 
 
 def test_gsm8k_converter_on_real_file(tmp_path):
-    path = _data("gsm8k_test_model_solutions.jsonl")
+    path = data_file("gsm8k_test_model_solutions.jsonl")
     rows = cs.from_gsm8k_model_solutions(path)
     ids, arr = cs.group(rows)
     assert len(ids) == 1319 and arr["correct"].shape == (1319, 4)
@@ -203,7 +194,7 @@ def test_gsm8k_converter_on_real_file(tmp_path):
 
 
 def test_math_converter_on_real_file():
-    path = _data("math_cot_100_bon8_qwen_rm.jsonl")
+    path = data_file("math_cot_100_bon8_qwen_rm.jsonl")
     rows = cs.from_math_bon(path)
     ids, arr = cs.group(rows)
     assert len(ids) == 100 and arr["correct"].shape == (100, 8)
@@ -225,7 +216,7 @@ def _ref_bon(scores, correct, k):
 
 
 def test_report_math_bon():
-    path = _data("math_cot_100_bon8_qwen_rm.jsonl")
+    path = data_file("math_cot_100_bon8_qwen_rm.jsonl")
     rep = cs.report_math_bon(path)
     json.dumps(rep)
     curves = rep["curves"]

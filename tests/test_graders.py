@@ -6,20 +6,10 @@ import threading
 import time
 
 import pytest
+from realdata import GSM8K_KEYS, data_file
 
 from swiftjax.data import gsm8k
 from swiftjax.data import math as mg
-from swiftjax.data.paths import data_dir
-
-GSM8K_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
-
-
-def _data(name):
-    d = data_dir()
-    if d is None or not (d / name).is_file():
-        pytest.skip(f"real data {name} not found (../shared/data or $SWIFTJAX_DATA)")
-    return d / name
-
 
 # ----------------------------------------------------------------------------- GSM8K
 
@@ -104,13 +94,13 @@ def test_load_gsm8k_tmp(tmp_path):
 
 
 def test_gsm8k_real_test_split():
-    rows = gsm8k.load_gsm8k(_data("gsm8k_test.jsonl"))
+    rows = gsm8k.load_gsm8k(data_file("gsm8k_test.jsonl"))
     assert len(rows) == 1319
     assert all(r["final"] is not None and gsm8k.parse_number(r["final"]) is not None for r in rows)
 
 
 def test_gsm8k_grader_agrees_with_model_solution_labels():
-    path = _data("gsm8k_test_model_solutions.jsonl")
+    path = data_file("gsm8k_test_model_solutions.jsonl")
     recs = [json.loads(line) for line in path.open()]
     agree = total = 0
     for rec in recs:
@@ -125,8 +115,8 @@ def test_gsm8k_grader_agrees_with_model_solution_labels():
 
 
 def test_gsm8k_reference_answers_match_model_solution_ground_truth():
-    tests = gsm8k.load_gsm8k(_data("gsm8k_test.jsonl"))
-    recs = [json.loads(line) for line in _data("gsm8k_test_model_solutions.jsonl").open()]
+    tests = gsm8k.load_gsm8k(data_file("gsm8k_test.jsonl"))
+    recs = [json.loads(line) for line in data_file("gsm8k_test_model_solutions.jsonl").open()]
     assert all(gsm8k.grade(r["ground_truth"], t["answer"]) for r, t in zip(recs, tests))
 
 
@@ -326,7 +316,7 @@ def test_answer_key():
 
 
 def test_math_grader_agrees_with_qwen_labels():
-    path = _data("math_cot_100_bon8_qwen_rm.jsonl")
+    path = data_file("math_cot_100_bon8_qwen_rm.jsonl")
     recs = [json.loads(line) for line in path.open()]
     agree = agree_text = total = 0
     for rec in recs:
@@ -342,7 +332,7 @@ def test_math_grader_agrees_with_qwen_labels():
 
 
 def test_math500_reference_answers_grade_themselves():
-    path = _data("math500_test.jsonl")
+    path = data_file("math500_test.jsonl")
     recs = [json.loads(line) for line in path.open()]
     hits = sum(mg.grade(r["solution"], r["answer"]) for r in recs)
     print(f"\nMATH-500: last \\boxed of solution equals answer for {hits}/{len(recs)}")
