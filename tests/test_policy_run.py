@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+from swiftjax.config import config_from_argv
 from swiftjax.data import candidates as cands
 from swiftjax.data import prefs
 from swiftjax.data import tokenizer as wtok
@@ -87,6 +88,43 @@ def test_irft_rft_end_to_end(sft_dir, tmp_path):
     assert r["pg_steps"] == 2
     md = (out / "results.md").read_text()
     assert "| IRFT | 2 |" in md and "| RFT | 1 |" in md
+
+
+def test_stage_pairs_keep_what_the_negatives_option_says(monkeypatch):
+    """Per problem i the fake 'generation' is: i % 3 == 0 the demonstration itself, 1 another
+    response graded correct, 2 another graded incorrect. Identical ones are always skipped;
+    correct ones only with negatives='incorrect'."""
+    tok = wtok.build_tokenizer()
+    problems = world.make_split("train", 9, seed=0)
+    demo = [pr._demo_response_ids(tok, p) for p in problems]
+    other = wtok.encode(tok, "Answer: 12345") + [wtok.END_ID]
+
+    def fake_sample(model, tok_, probs, cfg, *, n, temperature, seed):
+        return [{"token_ids": demo[i] if i % 3 == 0 else other, "correct": i % 3 != 2}
+                for i, _ in enumerate(probs)]
+
+    monkeypatch.setattr(pr, "_sample", fake_sample)
+    cfg = {"demos": {"max_len": 96}}
+    for negatives, want in (("all", [1, 2, 4, 5, 7, 8]), ("incorrect", [2, 5, 8])):
+        arrays, info, kept = pr._stage_pairs(None, tok, problems, cfg, 0.0, seed=0, negatives=negatives)
+        assert kept.tolist() == want
+        assert info["skipped_identical"] == 3 and info["pairs"] == len(want)
+        assert info["skipped_correct"] == (3 if negatives == "incorrect" else 0)
+        assert abs(info["gen_correct"] - 100.0 * 6 / 9) < 1e-9
+        # the kept rows pair each problem's own demonstration with its own generation
+        for r, i in enumerate(want):
+            resp = arrays["demo_ids"][r][arrays["demo_response_mask"][r].astype(bool)].tolist()
+            assert resp == demo[i]
+            gen = arrays["gen_ids"][r][arrays["gen_response_mask"][r].astype(bool)].tolist()
+            assert gen == other
+
+
+def test_irft_rejects_unknown_negatives(sft_dir, tmp_path):
+    cfg = pr._deep_merge(pr.IRFT_DEFAULTS, {"out": str(tmp_path), "progress": False,
+                                            "irft": {"negatives": "wrong"}})
+    model, _, tok = wexp.load_world_model(sft_dir)
+    with pytest.raises(ValueError, match="irft.negatives: expected 'all' or 'incorrect'"):
+        pr.run_irft_stages(model, tok, [], [], cfg, None)
 
 
 def _synthetic_candidates(path, n_problems=10):
@@ -252,7 +290,7 @@ def test_configs_match_defaults_and_overrides():
 
     root = Path(__file__).resolve().parents[1]
     for name, defaults in (("irft", pr.IRFT_DEFAULTS), ("mrpo", pr.MRPO_DEFAULTS)):
-        cfg = pr._load_config([str(root / "configs" / f"{name}.yaml"), "seed=3", "train.seeds=[0,1]"]
+        cfg = config_from_argv([str(root / "configs" / f"{name}.yaml"), "seed=3", "train.seeds=[0,1]"]
                               if name == "mrpo" else [str(root / "configs" / f"{name}.yaml"), "seed=3"], defaults)
         assert cfg["seed"] == 3
         cfg["seed"] = defaults["seed"]
@@ -261,7 +299,7 @@ def test_configs_match_defaults_and_overrides():
             cfg["train"]["seeds"] = defaults["train"]["seeds"]
         assert cfg == defaults, f"configs/{name}.yaml drifted from policy_run's defaults"
     with pytest.raises(ValueError, match="unknown key"):
-        pr._load_config(["irft.betta=1"], pr.IRFT_DEFAULTS)
+        config_from_argv(["irft.betta=1"], pr.IRFT_DEFAULTS)
     with pytest.raises(ValueError, match="optimizer.lr"):
         pr._opt_config({"name": "adamw", "lr": "fast"}, 10)
     opt = pr._opt_config({"name": "rmsprop", "lr": "1e-4", "schedule": "cosine"}, 20, 0.1)

@@ -113,6 +113,7 @@ IRFT_DEFAULTS: dict = {
     "demos": {"n": 4000, "max_len": 160},
     "irft": {"enabled": True, "stages": 4, "beta": 0.1, "epochs": 2, "batch_size": 32,
              "temperature": 0.0,  # 0: greedy y~ (the reference); > 0: sampled
+             "negatives": "all",  # all (the method) | incorrect: a diagnostic that uses the grader
              "optimizer": {"name": "rmsprop", "lr": 1e-4, "clip_norm": 1.0, "schedule": "cosine",
                            "final_lr_ratio": 0.0},
              "warmup_ratio": 0.1},
@@ -344,8 +345,12 @@ def _demo_response_ids(tok, problem) -> list[int]:
     return wtok.encode(tok, problem.solution) + [wtok.END_ID]
 
 
-def _stage_pairs(frozen_model, tok, problems, cfg, temperature: float, seed: int):
+def _stage_pairs(frozen_model, tok, problems, cfg, temperature: float, seed: int, negatives: str = "all"):
     """Generate y~ with the frozen model and encode (demo, y~) pairs with the same layout.
+
+    ``negatives``: ``all`` keeps every y~ that differs from its demonstration (the method: it
+    sees demonstrations only); ``incorrect`` also drops the y~ the grader marks correct, a
+    diagnostic that asks whether pushing down correct generations is what hurts.
 
     Returns (batch arrays, info): arrays ``demo_*`` / ``gen_*`` [n, T] for the kept pairs;
     info: counts of generated, identical-to-demo (skipped), too long (skipped), correct y~."""
@@ -359,13 +364,15 @@ def _stage_pairs(frozen_model, tok, problems, cfg, temperature: float, seed: int
     gen, kg = prefs.encode_generated(tok, qs, gen_resp, T, drop_long=True)
     ok = np.zeros(len(problems), bool)
     ok[np.intersect1d(kd, kg)] = True
-    keep = ok & ~same
+    correct = np.array([bool(r["correct"]) for r in rows])
+    keep = ok & ~same & (~correct if negatives == "incorrect" else True)
     rd = np.searchsorted(kd, np.flatnonzero(keep))
     rg = np.searchsorted(kg, np.flatnonzero(keep))
     arrays = {**{f"demo_{k}": v[rd] for k, v in demo.items()}, **{f"gen_{k}": v[rg] for k, v in gen.items()}}
     info = {"prompts": len(problems), "skipped_identical": int(same.sum()),
             "skipped_long": int((~ok).sum()), "pairs": int(keep.sum()),
-            "gen_correct": 100.0 * float(np.mean([r["correct"] for r in rows]))}
+            "skipped_correct": int((ok & ~same & correct).sum()) if negatives == "incorrect" else 0,
+            "gen_correct": 100.0 * float(np.mean(correct))}
     return arrays, info, np.flatnonzero(keep)
 
 
@@ -395,6 +402,8 @@ def _model_from(graphdef, params, rest):
 def run_irft_stages(model, tok, demos, eval_problems, cfg, writer) -> tuple[Any, list, list]:
     """IRFT from ``model`` (not modified); returns (final model, stage records, eval rows)."""
     c = cfg["irft"]
+    if c["negatives"] not in ("all", "incorrect"):
+        raise ValueError(f"irft.negatives: expected 'all' or 'incorrect', got {c['negatives']!r}")
     graphdef, params, rest = loop.nnx_split(model)
     params = _clone(params)
     chunks = _chunks(len(demos), c["stages"], cfg["seed"])
@@ -412,7 +421,7 @@ def run_irft_stages(model, tok, demos, eval_problems, cfg, writer) -> tuple[Any,
         frozen_model = _model_from(graphdef, frozen, rest)
         probs = [demos[i] for i in idx]
         arrays, info, _ = _stage_pairs(frozen_model, tok, probs, cfg, float(c["temperature"]),
-                                       seed=cfg["seed"] * 1000 + t)
+                                       seed=cfg["seed"] * 1000 + t, negatives=c["negatives"])
         rec = {"stage": t, **info}
         n = info["pairs"]
         if n == 0:
@@ -636,11 +645,15 @@ def _irft_markdown(res: Mapping) -> str:
         lines.append(f"| {row['method']} | {row['stage']} | {_fmt(row['greedy'])} | {_fmt(row['pass@1'])} | "
                      f"{_fmt(row['gold_logp'], 4)} |")
     if res.get("irft_stages"):
-        lines += ["", "IRFT stages (pairs = prompts minus generations identical to the demonstration):", "",
-                  "| stage | pairs | identical | y~ correct % | steps | loss first | loss last | acc last |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        neg = res.get("config", {}).get("irft", {}).get("negatives", "all")
+        what = "generations identical to the demonstration" + (
+            " and those graded correct (diagnostic: negatives = incorrect)" if neg == "incorrect" else "")
+        lines += ["", f"IRFT stages (pairs = prompts minus {what}):", "",
+                  "| stage | pairs | identical | correct dropped | y~ correct % | steps | loss first | loss last | acc last |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for s in res["irft_stages"]:
-            lines.append(f"| {s['stage']} | {s['pairs']} | {s['skipped_identical']} | {_fmt(s['gen_correct'])} | "
+            lines.append(f"| {s['stage']} | {s['pairs']} | {s['skipped_identical']} | {s.get('skipped_correct', 0)} | "
+                         f"{_fmt(s['gen_correct'])} | "
                          f"{s.get('steps', 0)} | {_fmt(s.get('loss_first'), 4)} | {_fmt(s.get('loss_last'), 4)} | "
                          f"{_fmt(s.get('accuracy_last'), 3)} |")
     if res.get("rft_rounds"):
