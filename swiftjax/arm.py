@@ -144,6 +144,18 @@ def _sample(key, base_logits, arm_logits, alphas, temperature):
     return jax.random.categorical(key, s, axis=-1).astype(jnp.int32)
 
 
+def _check_arm_logits(a, name: str, rank: int, layout: str, B: int, V: int) -> None:
+    """An ARM's logits: float, ``layout``, batch B on the second-to-last axis and a vocabulary
+    at least the base's V on the last (a longer one is padding; a shorter one cannot agree)."""
+    check_rank(a, name, rank, layout)
+    check_float(a, name)
+    if a.shape[-2] != B:
+        raise ValueError(f"{name}: expected batch B={B}, got shape {tuple(a.shape)}")
+    if a.shape[-1] < V:
+        raise ValueError(f"{name}: ARM vocabulary ({a.shape[-1]}) is shorter than the base "
+                         f"vocabulary ({V}); the token-id spaces cannot agree")
+
+
 def _prepare(base_logits, arm_logits, alphas):
     check_rank(base_logits, "base_logits", 2, "[B, V]")
     check_float(base_logits, "base_logits")
@@ -153,30 +165,14 @@ def _prepare(base_logits, arm_logits, alphas):
         if not arms:
             raise ValueError("arm_logits: expected at least one ARM's logits, got an empty sequence")
         for i, a in enumerate(arms):
-            check_rank(a, f"arm_logits[{i}]", 2, "[B, V_i]")
-            check_float(a, f"arm_logits[{i}]")
-            if a.shape[0] != B:
-                raise ValueError(f"arm_logits[{i}]: expected batch B={B}, got shape {tuple(a.shape)}")
-            if a.shape[1] < V:
-                raise ValueError(
-                    f"arm_logits[{i}]: ARM vocabulary ({a.shape[1]}) is shorter than the base "
-                    f"vocabulary ({V}); the token-id spaces cannot agree"
-                )
+            _check_arm_logits(a, f"arm_logits[{i}]", 2, "[B, V_i]", B, V)
         K = len(arms)
         packed = arms
     else:
-        check_rank(arm_logits, "arm_logits", 3, "[K, B, V']")
-        check_float(arm_logits, "arm_logits")
+        _check_arm_logits(arm_logits, "arm_logits", 3, "[K, B, V']", B, V)
         K = arm_logits.shape[0]
         if K < 1:
             raise ValueError("arm_logits: expected at least one ARM (K >= 1), got K = 0")
-        if arm_logits.shape[1] != B:
-            raise ValueError(f"arm_logits: expected batch B={B}, got shape {tuple(arm_logits.shape)}")
-        if arm_logits.shape[2] < V:
-            raise ValueError(
-                f"arm_logits: ARM vocabulary ({arm_logits.shape[2]}) is shorter than the base "
-                f"vocabulary ({V}); the token-id spaces cannot agree"
-            )
         packed = arm_logits
     if np.shape(alphas) != (K,):
         raise ValueError(f"alphas: expected shape [K]=({K},), one weight per ARM, got {np.shape(alphas)}")

@@ -98,6 +98,14 @@ def _token_logprobs(logits, targets, chunk_size):
     return _chunked(block, T, chunk_size, (B, T))
 
 
+def _check_targets(targets, bt, against: str) -> None:
+    check_rank(targets, "targets", 2, "[B, T]")
+    check_int(targets, "targets")
+    if tuple(bt) != tuple(np.shape(targets)):
+        raise ValueError(f"targets: expected shape [B, T]={tuple(bt)} matching {against}, "
+                         f"got {tuple(np.shape(targets))}")
+
+
 def token_logprobs(logits, targets, chunk_size: int | None = None):
     """Log-probability of each target under its logits row.
 
@@ -110,13 +118,7 @@ def token_logprobs(logits, targets, chunk_size: int | None = None):
     """
     check_rank(logits, "logits", 3, "[B, T, V]")
     check_float(logits, "logits")
-    check_rank(targets, "targets", 2, "[B, T]")
-    check_int(targets, "targets")
-    if tuple(logits.shape[:2]) != tuple(np.shape(targets)):
-        raise ValueError(
-            f"targets: expected shape [B, T]={tuple(logits.shape[:2])} matching logits, "
-            f"got {tuple(np.shape(targets))}"
-        )
+    _check_targets(targets, logits.shape[:2], "logits")
     _check_chunk(chunk_size)
     _check_ids_in_range(targets, logits.shape[-1], "targets")
     return _token_logprobs(logits, jnp.asarray(targets), chunk_size)
@@ -167,13 +169,7 @@ def token_logprobs_from_hidden(hidden, unembed, targets, bias=None, chunk_size: 
             f"unembed: expected shape [V, D] with D={hidden.shape[2]} (hidden's last axis), "
             f"got {tuple(unembed.shape)}"
         )
-    check_rank(targets, "targets", 2, "[B, T]")
-    check_int(targets, "targets")
-    if tuple(hidden.shape[:2]) != tuple(np.shape(targets)):
-        raise ValueError(
-            f"targets: expected shape [B, T]={tuple(hidden.shape[:2])} matching hidden, "
-            f"got {tuple(np.shape(targets))}"
-        )
+    _check_targets(targets, hidden.shape[:2], "hidden")
     if bias is not None:
         check_rank(bias, "bias", 1, "[V]")
         if bias.shape[0] != unembed.shape[0]:

@@ -148,8 +148,10 @@ def test_bad_inputs_raise(rng):
         token_logprobs(logits[0], targets)
     with pytest.raises(ValueError, match="integer"):
         token_logprobs(logits, targets.astype(np.float32))
-    with pytest.raises(ValueError, match="targets"):
+    with pytest.raises(ValueError, match=r"targets: expected shape \[B, T\]=\(2, 4\) matching logits"):
         token_logprobs(logits, targets[:, :3])
+    with pytest.raises(ValueError, match=r"targets: expected shape \[B, T\]=\(2, 4\) matching hidden"):
+        token_logprobs_from_hidden(np.zeros((2, 4, 3), np.float32), np.zeros((5, 3), np.float32), targets[:1])
     bad = targets.copy()
     bad[0, 0] = 5
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
