@@ -173,6 +173,40 @@ def test_exception_inside_the_writer_leaves_nothing(tmp_path):
     assert not (tmp_path / "st").exists() and _leftovers(tmp_path) == []
 
 
+_KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+from swiftjax.data.store import FeatureStoreWriter
+w = FeatureStoreWriter(sys.argv[1], 6, shard_rows=1)
+w.add([np.ones((3, 6), np.float32)] * 3, [1, 0, 1], [0, 0, 1])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_writer_killed_outright_is_cleaned_by_the_next_writer(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "st"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(target)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    left = _leftovers(tmp_path)
+    assert len(left) == 1 and not target.exists()  # SIGKILL: no chance to clean up
+    assert any((tmp_path / left[0]).glob("shard_*.npy"))
+    # a live writer's directory and one without an owner are not touched
+    live = tmp_path / "st.tmp-live"
+    live.mkdir()
+    (live / ".owner").write_text(f"{os.uname().nodename} {os.getpid()}\n")
+    unknown = tmp_path / "st.tmp-unknown"
+    unknown.mkdir()
+    rows = _rows()
+    _write(target, rows)
+    assert _leftovers(tmp_path) == ["st.tmp-live", "st.tmp-unknown"]
+    assert len(FeatureStore(target)) == len(rows)
+    assert not (target / ".owner").exists()  # the installed store carries no owner file
+
+
 def test_existing_path_needs_overwrite(tmp_path):
     rows = _rows()
     _write(tmp_path / "st", rows)

@@ -18,7 +18,10 @@ reader returns float32.
 
 Atomicity: :class:`FeatureStoreWriter` writes into ``<dir>.tmp-*`` beside the target and renames
 it into place after the manifest is written, so a store either exists whole or not at all; an
-exception inside the writer's ``with`` block removes the temporary directory. The reader refuses
+exception inside the writer's ``with`` block removes the temporary directory. A writer killed
+outright (SIGKILL, power loss) cannot clean up; its directory records the host and pid that own
+it (``.owner``), and the next writer of the same store removes such leftovers once that process
+is gone. The reader refuses
 (ValueError naming the problem) a directory without a manifest (half-written), a missing or
 truncated file, and, when ``verify`` (the default), any file whose sha256 differs.
 """
@@ -28,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -49,6 +53,39 @@ FORMAT = "swiftjax-feature-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
+
+
+_OWNER = ".owner"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_tmp(path) -> list[Path]:
+    """Remove the ``<path>.tmp-*`` directories left by writers of ``path`` that were killed
+    outright: those whose ``.owner`` names this host and a process that no longer exists.
+    Directories of live writers, of other hosts (a shared filesystem) and without a readable
+    owner are left alone. Returns the removed paths."""
+    path = Path(path)
+    removed = []
+    host = socket.gethostname()
+    for d in path.parent.glob(f"{path.name}.tmp-*"):
+        try:
+            owner_host, pid = (d / _OWNER).read_text().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            continue
+        if owner_host == host and pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 def to_bf16_bits(x) -> np.ndarray:
@@ -151,7 +188,9 @@ class FeatureStoreWriter:
         self.shard_rows, self.shard_bytes = int(shard_rows), int(shard_bytes)
         self.overwrite = bool(overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(self.path)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.path.name}.tmp-", dir=self.path.parent))
+        (self.tmp / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         self._buf: list[np.ndarray] = []
         self._buf_tokens = 0
         self._shards: list[dict] = []
@@ -312,6 +351,7 @@ class FeatureStoreWriter:
             old = Path(tempfile.mkdtemp(prefix=f"{self.path.name}.old-", dir=self.path.parent))
             os.rmdir(old)
             os.rename(self.path, old)
+        (self.tmp / _OWNER).unlink(missing_ok=True)  # the store itself carries no owner
         try:
             os.rename(self.tmp, self.path)
         except BaseException:
