@@ -97,10 +97,13 @@ def test_stage_pairs_keep_what_the_negatives_option_says(monkeypatch):
     tok = wtok.build_tokenizer()
     problems = world.make_split("train", 9, seed=0)
     demo = [pr._demo_response_ids(tok, p) for p in problems]
-    other = wtok.encode(tok, "Answer: 12345") + [wtok.END_ID]
+    tail = wtok.encode(tok, "Answer: 12345") + [wtok.END_ID]
+    # problem i's other response shares its first i tokens with the demonstration, then parts
+    other = [demo[i][:i] + tail for i in range(9)]
+    assert all(o[i] != d[i] for i, (o, d) in enumerate(zip(other, demo)))
 
     def fake_sample(model, tok_, probs, cfg, *, n, temperature, seed):
-        return [{"token_ids": demo[i] if i % 3 == 0 else other, "correct": i % 3 != 2}
+        return [{"token_ids": demo[i] if i % 3 == 0 else other[i], "correct": i % 3 != 2}
                 for i, _ in enumerate(probs)]
 
     monkeypatch.setattr(pr, "_sample", fake_sample)
@@ -116,14 +119,27 @@ def test_stage_pairs_keep_what_the_negatives_option_says(monkeypatch):
             resp = arrays["demo_ids"][r][arrays["demo_response_mask"][r].astype(bool)].tolist()
             assert resp == demo[i]
             gen = arrays["gen_ids"][r][arrays["gen_response_mask"][r].astype(bool)].tolist()
-            assert gen == other
+            assert gen == other[i]
+    # contrast=first_divergence: the same pairs, masks cut after the token where they part
+    cut, info_cut, kept_cut = pr._stage_pairs(None, tok, problems, cfg, 0.0, seed=0, contrast="first_divergence")
+    full, _, kept_full = pr._stage_pairs(None, tok, problems, cfg, 0.0, seed=0)
+    assert kept_cut.tolist() == kept_full.tolist() and info_cut["pairs"] == 6
+    np.testing.assert_array_equal(cut["demo_ids"], full["demo_ids"])
+    for side in ("demo", "gen"):
+        m = cut[f"{side}_response_mask"]
+        assert (m <= full[f"{side}_response_mask"]).all() and (m.sum(1) >= 1).all()
+    for r, i in enumerate(kept_cut):  # i shared tokens + the one where they part
+        assert cut["demo_response_mask"][r].sum() == cut["gen_response_mask"][r].sum() == i + 1
 
 
-def test_irft_rejects_unknown_negatives(sft_dir, tmp_path):
+def test_irft_rejects_unknown_options(sft_dir, tmp_path):
     cfg = pr._deep_merge(pr.IRFT_DEFAULTS, {"out": str(tmp_path), "progress": False,
                                             "irft": {"negatives": "wrong"}})
     model, _, tok = wexp.load_world_model(sft_dir)
     with pytest.raises(ValueError, match="irft.negatives: expected 'all' or 'incorrect'"):
+        pr.run_irft_stages(model, tok, [], [], cfg, None)
+    cfg["irft"].update(negatives="all", contrast="token")
+    with pytest.raises(ValueError, match="irft.contrast: expected 'sequence' or 'first_divergence'"):
         pr.run_irft_stages(model, tok, [], [], cfg, None)
 
 

@@ -292,3 +292,59 @@ def test_save_load_roundtrip_atomic(tmp_path):
         prefs.save_pair_data(tmp_path / "o.txt", data)
     with pytest.raises(ValueError, match="does not exist"):
         prefs.load_pair_data(tmp_path / "missing.npz")
+
+
+def _np_through_first_divergence(ids_a, ma, ids_b, mb):
+    out_a, out_b = np.zeros_like(ma), np.zeros_like(mb)
+    for i in range(ids_a.shape[0]):
+        ra = [int(t) for t, m in zip(ids_a[i], ma[i]) if m]
+        rb = [int(t) for t, m in zip(ids_b[i], mb[i]) if m]
+        d = 0
+        while d < len(ra) and d < len(rb) and ra[d] == rb[d]:
+            d += 1
+        s = int(np.flatnonzero(ma[i])[0])
+        out_a[i, s: s + min(d + 1, len(ra))] = 1
+        out_b[i, s: s + min(d + 1, len(rb))] = 1
+    return out_a, out_b
+
+
+def test_through_first_divergence_matches_a_loop_on_random_pairs():
+    rng = np.random.default_rng(0)
+    n, T = 200, 24
+    ids_a = np.zeros((n, T), np.int32)
+    ids_b = np.zeros((n, T), np.int32)
+    ma = np.zeros((n, T), np.int32)
+    mb = np.zeros((n, T), np.int32)
+    for i in range(n):
+        p = int(rng.integers(1, 8))
+        la, lb = int(rng.integers(1, T - p + 1)), int(rng.integers(1, T - p + 1))
+        a = rng.integers(3, 6, size=la)  # a small alphabet: long shared prefixes are common
+        b = rng.integers(3, 6, size=lb)
+        k = int(rng.integers(0, min(la, lb) + 1))
+        b[:k] = a[:k]
+        if la == lb and (a == b).all():
+            b[-1] = 9
+        ids_a[i, :p] = ids_b[i, :p] = 7
+        ids_a[i, p:p + la], ids_b[i, p:p + lb] = a, b
+        ma[i, p:p + la], mb[i, p:p + lb] = 1, 1
+    got_a, got_b = prefs.through_first_divergence({"ids": ids_a, "response_mask": ma},
+                                                  {"ids": ids_b, "response_mask": mb})
+    want_a, want_b = _np_through_first_divergence(ids_a, ma, ids_b, mb)
+    np.testing.assert_array_equal(got_a, want_a)
+    np.testing.assert_array_equal(got_b, want_b)
+    assert (got_a <= ma).all() and (got_b <= mb).all() and got_a.sum() < ma.sum()
+
+
+def test_through_first_divergence_errors():
+    ids = np.array([[7, 3, 4, 0]], np.int32)
+    m = np.array([[0, 1, 1, 0]], np.int32)
+    with pytest.raises(ValueError, match="identical"):
+        prefs.through_first_divergence({"ids": ids, "response_mask": m}, {"ids": ids.copy(), "response_mask": m})
+    with pytest.raises(ValueError, match="different positions"):
+        prefs.through_first_divergence({"ids": ids, "response_mask": m},
+                                       {"ids": ids, "response_mask": np.array([[0, 0, 1, 1]], np.int32)})
+    with pytest.raises(ValueError, match="one shape"):
+        prefs.through_first_divergence({"ids": ids, "response_mask": m}, {"ids": ids[:, :3], "response_mask": m})
+    with pytest.raises(ValueError, match="at least one response token"):
+        prefs.through_first_divergence({"ids": ids, "response_mask": m},
+                                       {"ids": ids, "response_mask": np.zeros_like(m)})

@@ -292,6 +292,42 @@ def encode_generated(tok, prompts: Sequence[str], responses: Sequence[Sequence[i
     return {"ids": ids[kept], "attention_mask": attn[kept], "response_mask": resp[kept]}, kept
 
 
+def through_first_divergence(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]):
+    """Response masks of two aligned examples cut after their first differing response token.
+
+    ``a`` and ``b`` hold ``ids`` and ``response_mask`` [N, T] of the same prompts (so each row's
+    response starts at the same position in both), as :func:`encode_generated` lays them out.
+    Row i keeps its response tokens up to and including position d_i, the first response
+    position where the two differ (a different token, or one response already ended). The
+    shared prefix contributes identically to both sides of a pairwise margin, so a loss on
+    the cut masks contrasts the single token where the two responses part, and none of the
+    tokens that follow it. Rows whose responses are identical raise ValueError.
+
+    Returns ``(mask_a, mask_b)`` int32 [N, T].
+    """
+    ids_a, ids_b = np.asarray(a["ids"]), np.asarray(b["ids"])
+    ma, mb = np.asarray(a["response_mask"]).astype(bool), np.asarray(b["response_mask"]).astype(bool)
+    if not (ids_a.shape == ids_b.shape == ma.shape == mb.shape) or ids_a.ndim != 2:
+        raise ValueError(f"ids/response_mask: expected four [N, T] arrays of one shape, got "
+                         f"{[x.shape for x in (ids_a, ma, ids_b, mb)]}")
+    if not (ma.any(axis=1).all() and mb.any(axis=1).all()):
+        raise ValueError("response_mask: expected at least one response token in every row")
+    start = ma.argmax(axis=1)
+    bad = np.flatnonzero(start != mb.argmax(axis=1))
+    if bad.size:
+        raise ValueError(f"row {bad[0]}: the two responses start at different positions "
+                         f"({start[bad[0]]} vs {mb[bad[0]].argmax()}); expected the same prompt layout")
+    pos = np.arange(ids_a.shape[1])[None, :]
+    differ = (ma != mb) | (ma & (ids_a != ids_b))
+    differ &= pos >= start[:, None]
+    same = np.flatnonzero(~differ.any(axis=1))
+    if same.size:
+        raise ValueError(f"row {same[0]}: the two responses are identical; expected them to differ")
+    d = differ.argmax(axis=1)[:, None]
+    keep = pos <= d
+    return (ma & keep).astype(np.int32), (mb & keep).astype(np.int32)
+
+
 # ----------------------------------------------------------------------------- references
 
 

@@ -114,6 +114,7 @@ IRFT_DEFAULTS: dict = {
     "irft": {"enabled": True, "stages": 4, "beta": 0.1, "epochs": 2, "batch_size": 32,
              "temperature": 0.0,  # 0: greedy y~ (the reference); > 0: sampled
              "negatives": "all",  # all (the method) | incorrect: a diagnostic that uses the grader
+             "contrast": "sequence",  # sequence (the method) | first_divergence: only the token where they part
              "optimizer": {"name": "rmsprop", "lr": 1e-4, "clip_norm": 1.0, "schedule": "cosine",
                            "final_lr_ratio": 0.0},
              "warmup_ratio": 0.1},
@@ -345,12 +346,16 @@ def _demo_response_ids(tok, problem) -> list[int]:
     return wtok.encode(tok, problem.solution) + [wtok.END_ID]
 
 
-def _stage_pairs(frozen_model, tok, problems, cfg, temperature: float, seed: int, negatives: str = "all"):
+def _stage_pairs(frozen_model, tok, problems, cfg, temperature: float, seed: int, negatives: str = "all",
+                 contrast: str = "sequence"):
     """Generate y~ with the frozen model and encode (demo, y~) pairs with the same layout.
 
     ``negatives``: ``all`` keeps every y~ that differs from its demonstration (the method: it
     sees demonstrations only); ``incorrect`` also drops the y~ the grader marks correct, a
     diagnostic that asks whether pushing down correct generations is what hurts.
+    ``contrast``: ``sequence`` scores whole responses (the method); ``first_divergence`` cuts
+    both response masks after the first token where demonstration and y~ differ
+    (:func:`prefs.through_first_divergence`), so the tokens that follow a slip are not pushed down.
 
     Returns (batch arrays, info): arrays ``demo_*`` / ``gen_*`` [n, T] for the kept pairs;
     info: counts of generated, identical-to-demo (skipped), too long (skipped), correct y~."""
@@ -369,6 +374,10 @@ def _stage_pairs(frozen_model, tok, problems, cfg, temperature: float, seed: int
     rd = np.searchsorted(kd, np.flatnonzero(keep))
     rg = np.searchsorted(kg, np.flatnonzero(keep))
     arrays = {**{f"demo_{k}": v[rd] for k, v in demo.items()}, **{f"gen_{k}": v[rg] for k, v in gen.items()}}
+    if contrast == "first_divergence" and keep.any():
+        arrays["demo_response_mask"], arrays["gen_response_mask"] = prefs.through_first_divergence(
+            {k: arrays[f"demo_{k}"] for k in ("ids", "response_mask")},
+            {k: arrays[f"gen_{k}"] for k in ("ids", "response_mask")})
     info = {"prompts": len(problems), "skipped_identical": int(same.sum()),
             "skipped_long": int((~ok).sum()), "pairs": int(keep.sum()),
             "skipped_correct": int((ok & ~same & correct).sum()) if negatives == "incorrect" else 0,
@@ -404,6 +413,8 @@ def run_irft_stages(model, tok, demos, eval_problems, cfg, writer) -> tuple[Any,
     c = cfg["irft"]
     if c["negatives"] not in ("all", "incorrect"):
         raise ValueError(f"irft.negatives: expected 'all' or 'incorrect', got {c['negatives']!r}")
+    if c["contrast"] not in ("sequence", "first_divergence"):
+        raise ValueError(f"irft.contrast: expected 'sequence' or 'first_divergence', got {c['contrast']!r}")
     graphdef, params, rest = loop.nnx_split(model)
     params = _clone(params)
     chunks = _chunks(len(demos), c["stages"], cfg["seed"])
@@ -421,7 +432,7 @@ def run_irft_stages(model, tok, demos, eval_problems, cfg, writer) -> tuple[Any,
         frozen_model = _model_from(graphdef, frozen, rest)
         probs = [demos[i] for i in idx]
         arrays, info, _ = _stage_pairs(frozen_model, tok, probs, cfg, float(c["temperature"]),
-                                       seed=cfg["seed"] * 1000 + t, negatives=c["negatives"])
+                                       seed=cfg["seed"] * 1000 + t, negatives=c["negatives"], contrast=c["contrast"])
         rec = {"stage": t, **info}
         n = info["pairs"]
         if n == 0:
@@ -648,6 +659,8 @@ def _irft_markdown(res: Mapping) -> str:
         neg = res.get("config", {}).get("irft", {}).get("negatives", "all")
         what = "generations identical to the demonstration" + (
             " and those graded correct (diagnostic: negatives = incorrect)" if neg == "incorrect" else "")
+        if res.get("config", {}).get("irft", {}).get("contrast", "sequence") == "first_divergence":
+            what += "; each pair scored only through the first token where demonstration and y~ differ"
         lines += ["", f"IRFT stages (pairs = prompts minus {what}):", "",
                   "| stage | pairs | identical | correct dropped | y~ correct % | steps | loss first | loss last | acc last |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
