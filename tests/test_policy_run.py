@@ -62,7 +62,7 @@ def test_irft_rft_end_to_end(sft_dir, tmp_path):
         "sft": {"model": str(sft_dir), "world": TINY_WORLD},
         "generation": GEN,
         "demos": {"n": 16, "max_len": 96},
-        "irft": {"stages": 2, "batch_size": 4, "beta": 0.5, "epochs": 1},
+        "irft": {"stages": 2, "batch_size": 4, "beta": 0.5, "epochs": 1, "optimizer": {"lr": 1e-4}},
         "rft": {"rounds": 1, "rm": {"steps": 5, "batch_size": 8}, "pg": {"steps": 2, "batch_size": 16}},
         "eval": {k: v for k, v in EVAL.items() if k != "pair_batch_size"},
     })

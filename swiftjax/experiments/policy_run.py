@@ -115,7 +115,7 @@ IRFT_DEFAULTS: dict = {
              "temperature": 0.0,  # 0: greedy y~ (the reference); > 0: sampled
              "negatives": "all",  # all (the method) | incorrect: a diagnostic that uses the grader
              "contrast": "sequence",  # sequence (the method) | first_divergence: only the token where they part
-             "optimizer": {"name": "rmsprop", "lr": 1e-4, "clip_norm": 1.0, "schedule": "cosine",
+             "optimizer": {"name": "rmsprop", "lr": 3e-6, "clip_norm": 1.0, "schedule": "cosine",
                            "final_lr_ratio": 0.0},
              "warmup_ratio": 0.1},
     "rft": {"enabled": True, "rounds": 4, "temperature": 0.0,
@@ -154,7 +154,7 @@ MRPO_DEFAULTS: dict = {
          "weighting": "uniform", "eps": 0.1, "virtual": "harmonic"},
     ],
     "train": {"steps": 200, "batch_size": 16, "beta": 0.1, "seeds": [0],
-              "optimizer": {"name": "adamw", "lr": 1e-4, "clip_norm": 1.0, "schedule": "cosine",
+              "optimizer": {"name": "adamw", "lr": 1e-5, "clip_norm": 1.0, "schedule": "cosine",
                             "final_lr_ratio": 0.0, "weight_decay": 0.0}},
     "eval": {**_EVAL, "pair_batch_size": 64},
 }
