@@ -29,6 +29,8 @@ __all__ = [
     "validate_row",
     "write_candidates",
     "read_candidates",
+    "cached_candidates",
+    "key_path",
     "group",
     "from_gsm8k_model_solutions",
     "GSM8K_SOLUTION_KEYS",

@@ -64,6 +64,7 @@ __all__ = [
     "subsample_pairs",
     "encode_pairs",
     "encode_generated",
+    "through_first_divergence",
     "Reference",
     "same_tokenizer",
     "reference_logprobs",

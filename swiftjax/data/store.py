@@ -47,6 +47,7 @@ __all__ = [
     "from_bf16_bits",
     "FeatureStoreWriter",
     "FeatureStore",
+    "remove_stale_tmp",
 ]
 
 FORMAT = "swiftjax-feature-store"

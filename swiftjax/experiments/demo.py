@@ -53,7 +53,7 @@ def candidates_for(cfg: dict, split: str, n_problems: int, model, tok, log) -> l
     out = Path(cfg["cache"] or cfg["out"])
     model_dir = Path(cfg["model"] or wexp.ASSET_DIR)
     key = {"split": split, "n_problems": n_problems, "n": cfg["n"], "seed": cfg["seed"],
-           "sampling": cfg["sampling"], "model_sha256": wexp.file_digest(model_dir / "model.safetensors")}
+           "sampling": cfg["sampling"], "model_sha256": wexp.model_digest(model_dir)}
     path = out / f"candidates_{split}_{swift_run.digest(key)}.jsonl"
 
     def sample():

@@ -533,7 +533,7 @@ def ensure_candidates(cfg: dict, which: str, model_dir: Path, *, progress: bool 
     key.update({k: c[k] for k in ("split_seed", "temperature", "top_p", "top_k", "max_new_tokens", "prompt_len",
                                   "batch_size")})  # the sampling keys depend on the batch layout
     key["world"] = cfg.get("world") or {}
-    key["model_sha256"] = wexp.file_digest(Path(model_dir) / "model.safetensors")
+    key["model_sha256"] = wexp.model_digest(model_dir)
 
     def sample():
         model, _, tok = wexp.load_world_model(model_dir)

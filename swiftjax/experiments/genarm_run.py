@@ -360,7 +360,7 @@ def training_candidates(cfg: dict, model_dir: Path, model, tok, progress: bool =
         return cands.read_candidates(c["path"])
     key = {k: c[k] for k in ("n_problems", "n", "temperature", "max_new_tokens", "prompt_len", "batch_size", "seed")}
     key.update(split="train", split_seed=cfg["seed"], world=cfg.get("world") or {},
-               model_sha256=wexp.file_digest(Path(model_dir) / "model.safetensors"))
+               model_sha256=wexp.model_digest(model_dir))
 
     def sample():
         problems = world.make_split("train", int(c["n_problems"]), wexp.world_config(cfg), seed=cfg["seed"])

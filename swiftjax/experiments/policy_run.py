@@ -656,10 +656,11 @@ def _irft_markdown(res: Mapping) -> str:
         lines.append(f"| {row['method']} | {row['stage']} | {_fmt(row['greedy'])} | {_fmt(row['pass@1'])} | "
                      f"{_fmt(row['gold_logp'], 4)} |")
     if res.get("irft_stages"):
-        neg = res.get("config", {}).get("irft", {}).get("negatives", "all")
+        ic = res.get("config", {}).get("irft", {})
         what = "generations identical to the demonstration" + (
-            " and those graded correct (diagnostic: negatives = incorrect)" if neg == "incorrect" else "")
-        if res.get("config", {}).get("irft", {}).get("contrast", "sequence") == "first_divergence":
+            " and those graded correct (diagnostic: negatives = incorrect)"
+            if ic.get("negatives", "all") == "incorrect" else "")
+        if ic.get("contrast", "sequence") == "first_divergence":
             what += "; each pair scored only through the first token where demonstration and y~ differ"
         lines += ["", f"IRFT stages (pairs = prompts minus {what}):", "",
                   "| stage | pairs | identical | correct dropped | y~ correct % | steps | loss first | loss last | acc last |",
@@ -825,12 +826,8 @@ def _pref_metrics(pi_w, pi_l, data, method: Method | None, ref_index, beta, weig
     return out
 
 
-def _model_key(d) -> str:
-    return wexp.file_digest(Path(d) / "model.safetensors")
-
-
-def _pairs_meta(cfg, policy_dir, refs, cand_source) -> str:
-    return json.dumps(to_python({"policy": _model_key(policy_dir), "refs": [[n, _model_key(d)] for n, d in refs],
+def _pairs_meta(cfg, policy_sha, refs, cand_source) -> str:
+    return json.dumps(to_python({"policy": policy_sha, "refs": [[n, wexp.model_digest(d)] for n, d in refs],
                                  "candidates": cand_source, "pairs": {k: v for k, v in cfg["pairs"].items()
                                                                       if k != "counts"}}), sort_keys=True)
 
@@ -845,7 +842,8 @@ def build_mrpo_data(cfg, out: Path, policy_dir: Path, refs, tok) -> dict:
     else:
         cand_path = out / f"candidates_{c['split']}.jsonl"
         source = {**{k: v for k, v in c.items() if k != "path"}, "generation": cfg["generation"]}
-    meta = _pairs_meta(cfg, policy_dir, refs, source)
+    policy_sha = wexp.model_digest(policy_dir)
+    meta = _pairs_meta(cfg, policy_sha, refs, source)
     store = out / "pairs.npz"
     if store.is_file():
         data = prefs.load_pair_data(store)
@@ -860,7 +858,7 @@ def build_mrpo_data(cfg, out: Path, policy_dir: Path, refs, tok) -> dict:
             return _sample(model, tok, problems, cfg, n=int(c["n"]), temperature=float(c["temperature"]),
                            seed=int(c["seed"]))
 
-        key = to_python({"policy_sha256": _model_key(policy_dir), "world": cfg.get("world") or {},
+        key = to_python({"policy_sha256": policy_sha, "world": cfg.get("world") or {},
                          "split_seed": _sft_seed(cfg), **source})
         rows = cands.cached_candidates(cand_path, key, sample)
     pairs = prefs.make_pairs(rows, int(pc["max_per_prompt"]), seed=int(pc["seed"]))

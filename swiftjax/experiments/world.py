@@ -264,6 +264,11 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def model_digest(model_dir) -> str:
+    """sha256 of a model directory's weights: what caches of its outputs are keyed by."""
+    return file_digest(Path(model_dir) / "model.safetensors")
+
+
 def main(argv) -> int:
     if not argv or argv[0] not in ("train", "export", "sample", "eval"):
         print("usage: swiftjax world train|export|sample|eval [CONFIG.yaml] [key=value ...]", file=sys.stderr)
@@ -272,7 +277,7 @@ def main(argv) -> int:
     cfg = config_from_argv(rest, DEFAULTS)
     if sub == "train":
         d = train(cfg)
-        print(f"exported {d} (model.safetensors sha256 {file_digest(d / 'model.safetensors')[:16]})")
+        print(f"exported {d} (model.safetensors sha256 {model_digest(d)[:16]})")
     elif sub == "export":
         print(export_from_checkpoint(cfg))
     elif sub == "sample":
