@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import report, timeit  # noqa: E402
 
 import swiftjax  # noqa: E402
-from swiftjax.decode import SamplingConfig, generate  # noqa: E402
+from swiftjax.sampling import SamplingConfig, generate  # noqa: E402
 
 
 def make_model(layers, d, vocab, tmp):

@@ -24,8 +24,8 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).parent))
 from common import report, timeit  # noqa: E402
 
-from swiftjax import features as F  # noqa: E402
-from swiftjax import swift  # noqa: E402
+from swiftjax.methods.swift import features as F  # noqa: E402
+from swiftjax.methods.swift import head as swift  # noqa: E402
 from swiftjax.data.store import FeatureStore, FeatureStoreWriter  # noqa: E402
 from swiftjax.models.config import ModelConfig  # noqa: E402
 from swiftjax.models.registry import create_model  # noqa: E402

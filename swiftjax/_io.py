@@ -7,6 +7,12 @@ import tempfile
 from pathlib import Path
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode: str = "w", suffix: str = ".tmp", **open_kw):
     """``with atomic_file(p, "wb") as f: ...`` writes a temp file beside ``p`` and renames it
@@ -20,6 +26,7 @@ def atomic_file(path, mode: str = "w", suffix: str = ".tmp", **open_kw):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() honours the umask
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -9,18 +9,15 @@ import sys
 
 COMMANDS = {
     # name: (module:function, help)
+    "demo": ("swiftjax.methods.swift.pipeline:demo_main", "the main job: `swift run configs/demo.yaml` (world task)"),
+    "sample": ("swiftjax.methods.swift.pipeline:sample_main", "sample N candidates per problem (resumable shards)"),
+    "swift": ("swiftjax.methods.swift.pipeline:main", "swift run|train|score|bon CONFIG [k=v ...]: SWIFT on any model/task"),
+    "ablate": ("swiftjax.methods.swift.ablate:main", "run every config of an ablation folder, write a markdown table"),
+    "ebrm": ("swiftjax.methods.ebrm.pipeline:main", "ebrm run CONFIG: EBRM over a reward model and over SWIFT"),
+    "genarm": ("swiftjax.methods.genarm.pipeline:main", "genarm train|guide CONFIG: autoregressive RM, guided decoding"),
+    "preference": ("swiftjax.methods.preference.pipeline:main", "preference irft|mrpo CONFIG: SFT/IRFT/RFT, DPO/MRPO"),
+    "world": ("swiftjax.world.model:main", "world train|sample|export|eval [CONFIG]: the embedded world's model"),
     "convert": ("swiftjax.cli:_convert", "convert llama2c SRC DST: a llama2.c checkpoint to an HF directory"),
-    "world": ("swiftjax.experiments.world:main", "world train|sample|export [CONFIG] [k=v ...]: the embedded world"),
-    "demo": ("swiftjax.experiments.demo:main", "the main job: world model -> candidates -> SWIFT -> Best-of-N report"),
-    "train-swift": ("swiftjax.experiments.swift_run:train_main", "train a SWIFT head on a candidate set"),
-    "score": ("swiftjax.experiments.swift_run:score_main", "score candidates with a trained head (--refine: EBRM)"),
-    "bon": ("swiftjax.experiments.swift_run:bon_main", "Best-of-N table of a scored candidate set"),
-    "ablate": ("swiftjax.experiments.ablate:main", "run every config of an ablation folder, write a markdown table"),
-    "train-ebrm": ("swiftjax.experiments.ebrm_run:main", "EBRM on an explicit RM and on SWIFT in the world"),
-    "train-arm": ("swiftjax.experiments.genarm_run:train_main", "train an autoregressive reward model"),
-    "guide": ("swiftjax.experiments.genarm_run:guide_main", "GenARM guided decoding experiments"),
-    "train-irft": ("swiftjax.experiments.policy_run:irft_main", "SFT vs IRFT vs RFT in the world"),
-    "train-mrpo": ("swiftjax.experiments.policy_run:mrpo_main", "DPO vs MRPO in the world"),
 }
 
 

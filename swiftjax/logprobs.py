@@ -18,12 +18,16 @@ Conventions
 from __future__ import annotations
 
 import functools
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from swiftjax._checks import check_float, check_int, check_rank, check_same_shape
+from swiftjax.batching import map_batches
 
 __all__ = [
     "token_logprobs",
@@ -31,6 +35,9 @@ __all__ = [
     "sequence_logprob",
     "masked_sum",
     "shift_for_lm",
+    "response_token_logprobs",
+    "sft_loss",
+    "sequence_logprobs",
 ]
 
 
@@ -259,3 +266,44 @@ def sequence_logprob(logits, input_ids, response_mask, chunk_size: int | None = 
 def _sequence_logprob(logits, input_ids, response_mask, chunk_size):
     lp = _token_logprobs(logits[:, :-1], input_ids[:, 1:], chunk_size)
     return masked_sum(lp, response_mask[:, 1:])
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def response_token_logprobs(model, ids, attention_mask, response_mask):
+    """Per-token log p(ids[t] | ids[<t]) [B, T-1] and the matching mask (response tokens only).
+
+    ids / masks: [B, T]; ``response_mask[t] = 1`` marks ids[t] as a response token.
+    """
+    logits = model(ids, attention_mask).logits
+    lp = token_logprobs(logits[:, :-1], ids[:, 1:])
+    return lp, response_mask[:, 1:].astype(jnp.float32)
+
+
+def sft_loss(model, batch: Mapping, rng=None):
+    """Mean NLL per response token; aux: token accuracy. ``batch``: ids, attention_mask, response_mask."""
+    logits = model(batch["ids"], batch["attention_mask"]).logits
+    lp = token_logprobs(logits[:, :-1], batch["ids"][:, 1:])
+    m = batch["response_mask"][:, 1:].astype(jnp.float32)
+    n = jnp.maximum(m.sum(), 1.0)
+    loss = -(lp * m).sum() / n
+    acc = ((jnp.argmax(logits[:, :-1], -1) == batch["ids"][:, 1:]) * m).sum() / n
+    return loss, {"token_acc": acc}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _seq_logprob(graphdef, state, ids, attention_mask, response_mask):
+    model = nnx.merge(graphdef, state)
+    lp, m = response_token_logprobs(model, ids, attention_mask, response_mask)
+    return (lp * m).sum(-1), m.sum(-1)
+
+
+def sequence_logprobs(model, ids, attention_mask, response_mask, batch_size: int = 64):
+    """Summed float32 response-token log-probs [N] of every row, in fixed-size jitted batches
+    (:func:`swiftjax.batching.map_batches`: one compilation serves any N). Returns
+    (logp [N], ntok [N])."""
+    graphdef, state = nnx.split(model)
+    lp, cnt = map_batches(lambda i, a, r: _seq_logprob(graphdef, state, i, a, r),
+                          (ids, attention_mask, response_mask), batch_size)
+    return lp, cnt

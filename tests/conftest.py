@@ -1,4 +1,8 @@
 import os
+import sys
+
+# Test helpers (hf_tiny, realdata, ...) live at tests/; the tests mirror the package in subfolders.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Parity tests compare float32 matmuls: make XLA:CPU use full precision.

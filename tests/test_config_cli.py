@@ -3,7 +3,7 @@ import pytest
 
 from swiftjax import cli
 from swiftjax.config import apply_overrides, config_from_argv, load_config, to_dataclass
-from swiftjax.decode import SamplingConfig
+from swiftjax.sampling import SamplingConfig
 
 
 def test_overrides_are_typed_and_strict(tmp_path):

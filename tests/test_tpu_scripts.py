@@ -52,14 +52,14 @@ def test_pod_install_dry_run():
 
 
 def test_pod_run_dry_run_sets_distributed_env_on_all_workers():
-    [line] = _dry("run", "train-swift", "configs/swift.yaml", "lr=1e-3", "name=a b",
+    [line] = _dry("run", "swift", "train", "configs/gsm8k/swift.yaml", "swift.lr=1e-3", "out=a b",
                   "--env=XLA_FLAGS=--xla_dump_to=/tmp/d")
     assert line[:6] == TPU + ["ssh", "pod-a"] and "--worker=all" in line
     cd, rest = _command_of(line).split("&&", 1)
     assert cd.strip() == "cd ~/swiftjax"
     assert shlex.split(rest) == [
         "SWIFTJAX_DISTRIBUTED=auto", "XLA_FLAGS=--xla_dump_to=/tmp/d",
-        "python3", "-m", "swiftjax.cli", "train-swift", "configs/swift.yaml", "lr=1e-3", "name=a b",
+        "python3", "-m", "swiftjax.cli", "swift", "train", "configs/gsm8k/swift.yaml", "swift.lr=1e-3", "out=a b",
     ]
 
 

@@ -6,7 +6,7 @@ Every subcommand is a short list of ``gcloud compute tpus tpu-vm`` calls (plus a
 
     python tpu_scripts/pod.py create   --name sj --zone us-central2-b --accelerator-type v4-32
     python tpu_scripts/pod.py install  --name sj --zone us-central2-b
-    python tpu_scripts/pod.py run      --name sj --zone us-central2-b train-swift configs/x.yaml lr=1e-3
+    python tpu_scripts/pod.py run      --name sj --zone us-central2-b swift train configs/x.yaml swift.lr=1e-3
     python tpu_scripts/pod.py copy-back --name sj --zone us-central2-b --remote-path runs --local ./runs
     python tpu_scripts/pod.py teardown --name sj --zone us-central2-b
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_install)
 
     p = sub.add_parser("run", parents=[common], help="run a swiftjax command on all workers")
-    p.add_argument("command", help="swiftjax CLI command, e.g. train-swift")
+    p.add_argument("command", help="swiftjax CLI command, e.g. 'swift train'")
     p.add_argument("config", help="config YAML path relative to the repo")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--env", action="append", default=[], help="extra NAME=VALUE on the workers")

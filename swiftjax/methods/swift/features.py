@@ -1,0 +1,598 @@
+"""SWIFT token features read from a model's forward, and the fused head that never builds them.
+
+What a forward yields for SWIFT (spec: shared/specs/swift.md, "Features"):
+
+* :class:`FeatureSpec` says which features: the residual states of a subset of the L+1 hidden
+  states (Hugging Face convention: 0 = embedding output, i < L after block i, L = after the final
+  norm), optionally passed through the final norm (``apply_norm``; state L is then normed twice,
+  as in the reference), concatenated in index order (F = |layers| * d_model); or a logits mode
+  (``'logits'``: the full output logit vector, F = V; ``'topk'`` / ``'topk_logprobs'``: the k
+  largest logits / log-probs, F = k, see :func:`swiftjax.methods.swift.head.logits_features`).
+* :func:`extract` -> ``[B, T, F]`` float32 for one batch (only the selected states are
+  materialised: the forward sows them and nothing else leaves the jitted function);
+  :func:`iter_feature_batches` streams a whole candidate set in fixed-shape batches (one
+  compilation); :func:`response_rows` / :func:`pad_rows` convert between padded batches and
+  the ragged response-token rows a feature store holds; :func:`write_store` streams a set into
+  a :class:`swiftjax.data.store.FeatureStoreWriter`.
+* :func:`fused_scores` folds the head into the forward: the model is given ``projections={l:
+  W_l}`` (the kernel's per-layer row blocks, :func:`swiftjax.methods.swift.head.split_kernel`) and sows
+  ``h_l @ W_l`` [B, T, C] per selected layer, so scoring holds O(T * C) per layer, never
+  ``[T, F]``. In ``'logits'`` mode the head folds through the (affine) unembedding:
+  ``logits @ W = h_L @ (U @ W)``. :func:`fused_scores_batched` scores a whole set.
+* :func:`generate_with_scores` samples like :func:`swiftjax.sampling.generate` (same tokens for
+  the same key and config) and reads ``(u_t, r_t)`` from each step's forward, so the running
+  score of every partial response is known during decoding.
+
+The response mask marks the tokens that count (every token of the assistant turn, its
+end-of-turn token included); :func:`extract` zeroes the features elsewhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from swiftjax.methods.swift import head as swift
+from swiftjax._checks import check_int, check_rank, check_same_shape
+from swiftjax.sampling import LMDecoder, SamplingConfig, run_sampler
+from swiftjax.models.config import ModelConfig
+from swiftjax.models.transformer import HiddenState, LayerProjection, Taps
+
+__all__ = [
+    "MODES",
+    "FeatureSpec",
+    "resolve_layers",
+    "feature_dim",
+    "extract",
+    "FeatureBatch",
+    "iter_feature_batches",
+    "response_rows",
+    "pad_rows",
+    "write_store",
+    "fold_head",
+    "fused_projections",
+    "fused_scores",
+    "fused_scores_batched",
+    "ScoredGeneration",
+    "generate_with_scores",
+]
+
+MODES = ("hidden", "logits", "topk", "topk_logprobs", "token_logprobs")
+_LOGITS_MODE = {"logits": "full", "topk": "topk", "topk_logprobs": "topk_logprobs"}
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """Which token features a forward yields.
+
+    layers: ``'all'`` (the L+1 hidden states) or a non-empty tuple of distinct HF hidden-state
+      indices in [0, L]; features concatenate them in increasing index order whatever the order
+      given. Used by mode ``'hidden'`` only.
+    apply_norm: pass every selected state through the model's final norm (mode ``'hidden'``).
+    mode: ``'hidden'`` | ``'logits'`` (full vocabulary) | ``'topk'`` | ``'topk_logprobs'`` |
+      ``'token_logprobs'`` (ours: the log-prob the model gave each response token, the entropy
+      of the distribution it was drawn from, and that distribution's k largest log-probs).
+    k: the number of logits kept by the top-k modes (None otherwise; 'token_logprobs': k >= 0).
+    """
+
+    layers: tuple[int, ...] | str = "all"
+    apply_norm: bool = False
+    mode: str = "hidden"
+    k: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"FeatureSpec.mode: expected one of {MODES}, got {self.mode!r}")
+        if isinstance(self.layers, str):
+            if self.layers != "all":
+                raise ValueError(
+                    f"FeatureSpec.layers: expected 'all' or a tuple of layer indices, got {self.layers!r}"
+                )
+        else:
+            try:
+                layers = tuple(self.layers)
+            except TypeError:
+                raise ValueError(
+                    f"FeatureSpec.layers: expected 'all' or a tuple of layer indices, got {self.layers!r}"
+                ) from None
+            if not layers or not all(_is_int(i) and i >= 0 for i in layers):
+                raise ValueError(
+                    f"FeatureSpec.layers: expected a non-empty tuple of ints >= 0, got {self.layers!r}"
+                )
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"FeatureSpec.layers: expected distinct indices, got {layers}")
+            object.__setattr__(self, "layers", tuple(int(i) for i in layers))
+        if not isinstance(self.apply_norm, (bool, np.bool_)):
+            raise ValueError(f"FeatureSpec.apply_norm: expected a bool, got {self.apply_norm!r}")
+        object.__setattr__(self, "apply_norm", bool(self.apply_norm))
+        if self.mode in ("topk", "topk_logprobs"):
+            if not _is_int(self.k) or self.k < 1:
+                raise ValueError(f"FeatureSpec.k: expected an int >= 1 for mode {self.mode!r}, got {self.k!r}")
+            object.__setattr__(self, "k", int(self.k))
+        elif self.mode == "token_logprobs":
+            k = 0 if self.k is None else self.k
+            if not _is_int(k) or k < 0:
+                raise ValueError(f"FeatureSpec.k: expected an int >= 0 or None for mode 'token_logprobs', got {self.k!r}")
+            object.__setattr__(self, "k", int(k))
+        elif self.k is not None:
+            raise ValueError(f"FeatureSpec.k: expected None for mode {self.mode!r}, got {self.k!r}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (the feature store's manifest keeps it)."""
+        layers = self.layers if isinstance(self.layers, str) else list(self.layers)
+        return {"layers": layers, "apply_norm": self.apply_norm, "mode": self.mode, "k": self.k}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FeatureSpec":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"FeatureSpec.from_dict: expected a mapping, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"layers", "apply_norm", "mode", "k"})
+        if unknown:
+            raise ValueError(f"FeatureSpec.from_dict: unknown keys {unknown}")
+        layers = d.get("layers", "all")
+        return cls(layers=layers if isinstance(layers, str) else tuple(layers),
+                   apply_norm=d.get("apply_norm", False), mode=d.get("mode", "hidden"), k=d.get("k"))
+
+
+def _check_spec(spec) -> FeatureSpec:
+    if not isinstance(spec, FeatureSpec):
+        raise ValueError(f"spec: expected a FeatureSpec, got {type(spec).__name__}")
+    return spec
+
+
+def resolve_layers(spec: FeatureSpec, num_layers: int) -> tuple[int, ...]:
+    """The hidden-state indices a ``'hidden'`` spec reads, sorted: 'all' -> (0, ..., L).
+
+    num_layers: L, the model's number of blocks (so L + 1 states). Raises for logits modes
+    (they read no hidden states) and for indices outside [0, L].
+    """
+    _check_spec(spec)
+    if not _is_int(num_layers) or num_layers < 1:
+        raise ValueError(f"num_layers: expected a positive int, got {num_layers!r}")
+    if spec.mode != "hidden":
+        raise ValueError(f"resolve_layers: mode {spec.mode!r} reads no hidden-state layers (expected 'hidden')")
+    if spec.layers == "all":
+        return tuple(range(num_layers + 1))
+    bad = [i for i in spec.layers if i > num_layers]
+    if bad:
+        raise ValueError(
+            f"FeatureSpec.layers: expected indices in [0, {num_layers}] (L+1 hidden states), got {bad}"
+        )
+    return tuple(sorted(spec.layers))
+
+
+def feature_dim(spec: FeatureSpec, cfg: ModelConfig) -> int:
+    """F: |layers| * d_model (hidden), V (logits) or k (top-k modes)."""
+    _check_spec(spec)
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg: expected a ModelConfig, got {type(cfg).__name__}")
+    if spec.mode == "hidden":
+        return len(resolve_layers(spec, cfg.num_layers)) * cfg.hidden_size
+    if spec.mode == "logits":
+        return cfg.vocab_size
+    if spec.mode == "token_logprobs":
+        if spec.k > cfg.vocab_size:
+            raise ValueError(f"FeatureSpec.k: expected <= vocab size {cfg.vocab_size}, got {spec.k}")
+        return 2 + spec.k
+    if spec.k > cfg.vocab_size:
+        raise ValueError(f"FeatureSpec.k: expected <= vocab size {cfg.vocab_size}, got {spec.k}")
+    return spec.k
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _model_cfg(model) -> ModelConfig:
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"model: expected a swiftjax decoder LM (with a ModelConfig .config), got {type(model).__name__}")
+    return cfg
+
+
+def _check_batch(ids, attention_mask, response_mask):
+    """Validate ids / masks [B, T] and return them as numpy (int32, int32, float32)."""
+    ids = np.asarray(ids)
+    check_rank(ids, "ids", 2, "[B, T]")
+    check_int(ids, "ids")
+    if ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise ValueError(f"ids: expected a non-empty [B, T] batch, got shape {ids.shape}")
+    attn = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    check_same_shape(ids, attn, "ids", "attention_mask")
+    resp = np.asarray(response_mask)
+    check_same_shape(ids, resp, "ids", "response_mask")
+    for name, m in (("attention_mask", attn), ("response_mask", resp)):
+        if not np.all((m == 0) | (m == 1)):
+            raise ValueError(f"{name}: expected 0/1 values, got values {np.unique(m)[:5]}")
+    if np.any((resp > 0) & (attn == 0)):
+        raise ValueError("response_mask: expected response tokens to be real tokens (attention_mask 1), "
+                         "found a response position with attention_mask 0")
+    return ids.astype(np.int32), attn.astype(np.int32), resp.astype(np.float32)
+
+
+def _check_head(params, spec: FeatureSpec, cfg: ModelConfig) -> int:
+    swift.num_params(params)  # validates the head pytree
+    f = feature_dim(spec, cfg)
+    got = int(np.shape(params["kernel"])[0])
+    if got != f:
+        raise ValueError(
+            f"params['kernel']: expected {f} rows (feature_dim of {spec} on this model), got {got}"
+        )
+    return int(np.shape(params["kernel"])[1])
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def _features(model, ids, attn, resp, spec: FeatureSpec, layers):
+    """Traced body of :func:`extract`: [B, T, F] float32, zero outside the response mask."""
+    if spec.mode == "hidden":
+        _, inter = nnx.capture(model, HiddenState)(
+            ids, attn, taps=Taps(layers=layers, apply_norm=spec.apply_norm), compute_logits=False)
+        flat = nnx.to_pure_dict(inter)
+        x = jnp.concatenate([flat[f"state_{i:03d}"][0].astype(jnp.float32) for i in layers], axis=-1)
+    else:
+        x = _logit_feats(model(ids, attn).logits, ids, spec)
+    return jnp.where(resp[..., None] > 0, x, 0.0)
+
+
+def token_logprob_features(logits, ids, k: int = 0):
+    """Per token t: [log p(ids[t] | ids[<t]), entropy of that distribution, its k largest
+    log-probs (sorted)] -> [B, T, 2 + k] float32, read from the logits at t - 1 (zeros at t = 0).
+
+    A sampled mistake is a token the model itself found unlikely; a linear gate over these
+    features can weight such tokens, which hidden states alone expose only bilinearly."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    prev = jnp.concatenate([jnp.zeros_like(lp[:, :1]), lp[:, :-1]], axis=1)
+    tok = jnp.take_along_axis(prev, ids[..., None].astype(jnp.int32), axis=-1)
+    ent = -jnp.sum(jnp.exp(prev) * prev, axis=-1, keepdims=True)
+    parts = [tok, ent]
+    if k:
+        parts.append(jax.lax.top_k(prev, k)[0])
+    return jnp.concatenate(parts, axis=-1)
+
+
+def _logit_feats(logits, ids, spec: FeatureSpec):
+    if spec.mode == "token_logprobs":
+        return token_logprob_features(logits, ids, spec.k)
+    return swift.logits_features(logits, _LOGITS_MODE[spec.mode], spec.k)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "layers"))
+def _extract(state, ids, attn, resp, *, graphdef, spec, layers):
+    return _features(nnx.merge(graphdef, state), ids, attn, resp, spec, layers)
+
+
+def _layers_or_empty(spec: FeatureSpec, cfg: ModelConfig) -> tuple[int, ...]:
+    return resolve_layers(spec, cfg.num_layers) if spec.mode == "hidden" else ()
+
+
+def extract(model, ids, attention_mask, response_mask, spec: FeatureSpec) -> jax.Array:
+    """Token features of one teacher-forced batch.
+
+    ids, attention_mask, response_mask: [B, T] (left or right padding; 1 = real / response
+    token). Returns features [B, T, F] float32 (F = :func:`feature_dim`), zero at positions
+    outside ``response_mask``. Jitted per (model structure, spec, shape).
+    """
+    cfg = _model_cfg(model)
+    _check_spec(spec)
+    feature_dim(spec, cfg)
+    ids, attn, resp = _check_batch(ids, attention_mask, response_mask)
+    graphdef, state = nnx.split(model)
+    return _extract(state, ids, attn, resp, graphdef=graphdef, spec=spec,
+                    layers=_layers_or_empty(spec, cfg))
+
+
+class FeatureBatch(NamedTuple):
+    """One fixed-shape batch of a candidate set.
+
+    rows: [b] int64 row indices into the set, -1 on padding rows (the last batch is padded);
+    features: [b, T, F] float32 (zero outside the response mask);
+    mask: [b, T] float32 response mask (all zero on padding rows).
+    """
+
+    rows: np.ndarray
+    features: jax.Array
+    mask: np.ndarray
+
+
+def _padded_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Row indices [batch_size] per batch, the last padded with -1."""
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, start + batch_size, dtype=np.int64)
+        rows[rows >= n] = -1
+        yield rows
+
+
+def _take(arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows of ``arr``; padding rows (-1) repeat row ``rows[0]`` (a real row: a finite forward)."""
+    return arr[np.where(rows >= 0, rows, rows[0])]
+
+
+def _check_batch_size(batch_size) -> int:
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    return int(batch_size)
+
+
+def _progress(it, total, progress: bool, desc: str):
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=desc)
+
+
+def iter_feature_batches(model, ids, attention_mask, response_mask, spec: FeatureSpec,
+                         batch_size: int = 32, *, progress: bool = False) -> Iterator[FeatureBatch]:
+    """Stream the features of a whole candidate set, ``batch_size`` rows at a time.
+
+    ids / masks: [N, T] host arrays. Every batch has the same shape (the last is padded with
+    copies of a real row whose mask is zeroed), so the forward compiles once. Yields
+    :class:`FeatureBatch`; only one batch of features is alive at a time if the caller
+    drops it (streaming recomputation, or feeding a feature store).
+    """
+    cfg = _model_cfg(model)
+    _check_spec(spec)
+    feature_dim(spec, cfg)
+    batch_size = _check_batch_size(batch_size)
+    ids, attn, resp = _check_batch(ids, attention_mask, response_mask)
+    graphdef, state = nnx.split(model)
+    layers = _layers_or_empty(spec, cfg)
+    n = ids.shape[0]
+    batches = _padded_batches(n, batch_size)
+    for rows in _progress(batches, -(-n // batch_size), progress, "features"):
+        m = _take(resp, rows) * (rows >= 0)[:, None]
+        x = _extract(state, _take(ids, rows), _take(attn, rows), m, graphdef=graphdef,
+                     spec=spec, layers=layers)
+        yield FeatureBatch(rows=rows, features=x, mask=m)
+
+
+def response_rows(features, mask) -> list[np.ndarray]:
+    """Compact a padded batch to its response tokens: features [B, T, F], mask [B, T] ->
+    a list of B host arrays [T_b, F] (T_b = number of response tokens of row b, in order)."""
+    x = np.asarray(features)
+    check_rank(x, "features", 3, "[B, T, F]")
+    m = np.asarray(mask)
+    check_rank(m, "mask", 2, "[B, T]")
+    if m.shape != x.shape[:2]:
+        raise ValueError(f"mask: expected shape {x.shape[:2]} (features' [B, T]), got {m.shape}")
+    return [x[b][m[b] > 0] for b in range(x.shape[0])]
+
+
+def pad_rows(rows: Sequence, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`response_rows`: B arrays [T_b, F] -> (features [B, Tmax, F] float32,
+    mask [B, Tmax] float32), right-padded with zeros; ``pad_to`` fixes Tmax (>= every T_b)."""
+    rows = [np.asarray(r) for r in rows]
+    if not rows:
+        raise ValueError("rows: expected at least one [T_b, F] array, got none")
+    for i, r in enumerate(rows):
+        check_rank(r, f"rows[{i}]", 2, "[T_b, F]")
+    f = rows[0].shape[1]
+    if any(r.shape[1] != f for r in rows):
+        raise ValueError(f"rows: expected the same feature dim F={f} in every row, got {[r.shape[1] for r in rows]}")
+    longest = max(r.shape[0] for r in rows)
+    t = longest if pad_to is None else pad_to
+    if not _is_int(t) or t < longest or t < 1:
+        raise ValueError(f"pad_to: expected an int >= the longest row ({longest}), got {pad_to!r}")
+    out = np.zeros((len(rows), int(t), f), np.float32)
+    mask = np.zeros((len(rows), int(t)), np.float32)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = 1.0
+    return out, mask
+
+
+def write_store(path, model, spec: FeatureSpec, ids, attention_mask, response_mask, labels,
+                group_ids, *, batch_size: int = 32, meta: Mapping | None = None,
+                progress: bool = False, **writer_kw):
+    """Extract the features of a candidate set batch by batch into a feature store at ``path``
+    (response tokens only, bf16 on disk; see :mod:`swiftjax.data.store`). labels: [N] in [0, 1];
+    group_ids: [N] int (the prompt each candidate answers). Returns the store's path.
+
+    Peak memory: one batch of features plus the writer's shard buffer."""
+    from swiftjax.data.store import FeatureStoreWriter
+
+    cfg = _model_cfg(model)
+    f = feature_dim(spec, cfg)
+    n = np.shape(ids)[0] if np.ndim(ids) == 2 else -1
+    labels = np.asarray(labels)
+    group_ids = np.asarray(group_ids)
+    if labels.shape != (n,) or group_ids.shape != (n,):
+        raise ValueError(f"labels, group_ids: expected shape ({n},) (one per row of ids), "
+                         f"got {labels.shape} and {group_ids.shape}")
+    info = {"model_type": cfg.model_type, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            **dict(meta or {})}
+    with FeatureStoreWriter(path, f, spec.to_dict(), meta=info, **writer_kw) as w:
+        for fb in iter_feature_batches(model, ids, attention_mask, response_mask, spec, batch_size,
+                                       progress=progress):
+            keep = fb.rows >= 0
+            rows = response_rows(jax.device_get(fb.features)[keep], fb.mask[keep])
+            w.add(rows, labels=labels[fb.rows[keep]], group_ids=group_ids[fb.rows[keep]])
+    return w.path
+
+
+# ----------------------------------------------------------------------------- fused scoring
+
+
+def fold_head(model, params, spec: FeatureSpec, layers):
+    """Traced: the head as per-layer projections ``(taps, {layer: W_l [D, C]}, bias [C])``, or
+    None for the top-k modes (not linear in any state).
+
+    'hidden': ``W_l`` are the kernel's row blocks (:func:`swiftjax.methods.swift.head.split_kernel`).
+    'logits': the unembedding ``logits = h_L U + z`` is affine, so ``logits W + b = h_L (U W) +
+    (z W + b)`` with h_L the final-normed state L (computed once, [D, V] @ [V, C])."""
+    kernel, bias = params["kernel"], params["bias"]
+    if spec.mode == "hidden":
+        blocks = swift.split_kernel(params, model.config.hidden_size)
+        return (Taps(layers=tuple(layers), apply_norm=spec.apply_norm), dict(zip(layers, blocks)),
+                bias.astype(jnp.float32))
+    if spec.mode == "logits":
+        d = model.config.hidden_size
+        zero = model.unembed(jnp.zeros((1, 1, d), jnp.float32))[0, 0].astype(jnp.float32)  # [V]
+        u = model.unembed(jnp.eye(d, dtype=jnp.float32)[None])[0].astype(jnp.float32) - zero[None]
+        k = kernel.astype(jnp.float32)
+        last = model.config.num_layers
+        return Taps(layers=(last,), apply_norm=False), {last: u @ k}, bias.astype(jnp.float32) + zero @ k
+    return None
+
+
+def fused_projections(model, params, ids, attn, spec: FeatureSpec, layers, *, folded=None,
+                      cache=None, compute_logits: bool = False):
+    """Traced building block: ``(proj [B, T, C] = sum_l h_l W_l + b, model output)``.
+
+    Call inside jit with a merged model (``layers`` = :func:`resolve_layers` for 'hidden';
+    ``folded`` = :func:`fold_head`'s result, computed here when None). 'hidden' and 'logits'
+    sow only [B, T, C] per layer (the head is folded into the forward); the top-k modes need
+    the logits themselves and project their top-k features.
+    """
+    if spec.mode in ("hidden", "logits"):
+        taps, projections, bias = folded if folded is not None else fold_head(model, params, spec, layers)
+        out, inter = nnx.capture(model, LayerProjection)(
+            ids, attn, cache=cache, taps=taps, projections=projections, compute_logits=compute_logits)
+        flat = nnx.to_pure_dict(inter)
+        proj = bias
+        for i in taps.layers:
+            proj = proj + flat[f"proj_{i:03d}"][0]
+        return proj, out
+    if spec.mode == "token_logprobs" and cache is not None:
+        raise ValueError("FeatureSpec.mode 'token_logprobs': a token's log-prob comes from the previous "
+                         "step's logits; running scores while decoding support the other modes")
+    out = model(ids, attn, cache=cache)
+    x = _logit_feats(out.logits, ids, spec)
+    proj = jnp.einsum("btf,fc->btc", x, params["kernel"].astype(jnp.float32))
+    return proj + params["bias"].astype(jnp.float32), out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "layers"))
+def _fused(state, params, ids, attn, resp, *, graphdef, spec, layers):
+    proj, _ = fused_projections(nnx.merge(graphdef, state), params, ids, attn, spec, layers)
+    return swift.score_from_projections(proj, resp)
+
+
+def fused_scores(model, params, spec: FeatureSpec, ids, attention_mask, response_mask) -> jax.Array:
+    """SWIFT scores [B] of a teacher-forced batch with the head folded into the forward.
+
+    params: a SWIFT head (:func:`swiftjax.methods.swift.head.init_params`) over ``feature_dim(spec)``
+    features; ids / masks [B, T]. Equals ``swift.score(params, extract(...), response_mask)``
+    without materialising [B, T, F]: each selected layer sows ``h_l @ W_l`` [B, T, C].
+    """
+    cfg = _model_cfg(model)
+    _check_spec(spec)
+    _check_head(params, spec, cfg)
+    ids, attn, resp = _check_batch(ids, attention_mask, response_mask)
+    graphdef, state = nnx.split(model)
+    return _fused(state, params, ids, attn, resp, graphdef=graphdef, spec=spec,
+                  layers=_layers_or_empty(spec, cfg))
+
+
+def fused_scores_batched(model, params, spec: FeatureSpec, ids, attention_mask, response_mask,
+                         batch_size: int = 32, *, progress: bool = False) -> np.ndarray:
+    """:func:`fused_scores` over a whole set [N, T] in fixed-shape batches -> [N] float32."""
+    cfg = _model_cfg(model)
+    _check_spec(spec)
+    _check_head(params, spec, cfg)
+    batch_size = _check_batch_size(batch_size)
+    ids, attn, resp = _check_batch(ids, attention_mask, response_mask)
+    graphdef, state = nnx.split(model)
+    layers = _layers_or_empty(spec, cfg)
+    n = ids.shape[0]
+    out = np.zeros((n,), np.float32)
+    for rows in _progress(_padded_batches(n, batch_size), -(-n // batch_size), progress, "score"):
+        s = _fused(state, params, _take(ids, rows), _take(attn, rows), _take(resp, rows),
+                   graphdef=graphdef, spec=spec, layers=layers)
+        keep = rows >= 0
+        out[rows[keep]] = np.asarray(s)[keep]
+    return out
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ScoredGeneration:
+    """:class:`swiftjax.sampling.GenerateOutput` plus the SWIFT head read at every step.
+
+    tokens [B, N], logprobs [B, N], lengths [B], finished [B]: as ``decode.generate``.
+    token_proj: [B, N, C] per generated token ``(u_t, r_t)`` (gated) or ``(r_t,)``, bias
+      included; zero after a row's end token.
+    running: [B, N] score of the response prefix up to and including token n (constant after
+      the end token, and after the loop stopped).
+    scores: [B] score of the whole response (= ``running[:, -1]``).
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    finished: jax.Array
+    token_proj: jax.Array
+    running: jax.Array
+    scores: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScoredDecoder(LMDecoder):
+    """One model whose every step also sows the head's per-layer projections: records
+    ``(u_t, r_t)`` per generated token and the running score of the partial response."""
+
+    spec: FeatureSpec | None = None
+    layers: tuple = ()
+
+    def setup(self, models, params):
+        return params, fold_head(models()[0], params, self.spec, self.layers)  # once, outside the loop
+
+    def prefill(self, models, ctx, prompts, cfg):
+        caches, logits = super().prefill(models, None, prompts, cfg)
+        b, n, c = logits.shape[0], cfg.max_new_tokens, ctx[0]["kernel"].shape[1]
+        aux = {"cache": caches[0], "proj": jnp.zeros((b, n, c), jnp.float32),
+               "running": jnp.zeros((b, n), jnp.float32), "run": swift.running_score_init(b, gated=c == 2)}
+        return aux, logits
+
+    def advance(self, models, ctx, aux, tok, live, step):
+        params, folded = ctx
+        b = tok.shape[0]
+        # a module merged inside the loop body: nnx.capture mutates it at this trace level
+        proj, o = fused_projections(models()[0], params, tok[:, None], jnp.ones((b, 1), jnp.int32), self.spec,
+                                    self.layers, folded=folded, cache=aux["cache"], compute_logits=True)
+        p = jnp.where(live[:, None], proj[:, 0], 0.0)
+        run = swift.running_score_update(aux["run"], p, live)
+        return {"cache": o.cache, "proj": aux["proj"].at[:, step].set(p),
+                "running": aux["running"].at[:, step].set(swift.running_score_value(run)), "run": run}, o.logits[:, -1]
+
+    def finish(self, ctx, state):
+        final = swift.running_score_value(state.aux["run"])
+        n = state.tokens.shape[1]
+        running = jnp.where(jnp.arange(n)[None, :] < state.step, state.aux["running"], final[:, None])
+        return {"token_proj": state.aux["proj"], "running": running, "scores": final}
+
+
+def generate_with_scores(model, params, spec: FeatureSpec, input_ids, attention_mask=None, *,
+                         key=None, cfg: SamplingConfig, cache_dtype=jnp.float32) -> ScoredGeneration:
+    """Sample continuations and score them with a SWIFT head while decoding.
+
+    Same sampling as :func:`swiftjax.sampling.generate` (prefill, then one token a step in a
+    ``lax.while_loop``; the same key gives the same tokens). Each step's forward over the new
+    token also sows the head's per-layer projections, giving ``(u_t, r_t)`` of that token and
+    the running score of the partial response (:class:`swiftjax.methods.swift.head.RunningScore`). The
+    final score equals :func:`fused_scores` on the teacher-forced prompt + response (end token
+    included). input_ids / attention_mask: [B, T] left-padded prompts.
+    """
+    mcfg = _model_cfg(model)
+    _check_spec(spec)
+    _check_head(params, spec, mcfg)
+    decoder = _ScoredDecoder(cache_dtype=cache_dtype, spec=spec, layers=_layers_or_empty(spec, mcfg))
+    out, extra = run_sampler(decoder, [model], [(input_ids, attention_mask)], key=key, cfg=cfg, args=params)
+    return ScoredGeneration(tokens=out.tokens, logprobs=out.logprobs, lengths=out.lengths, finished=out.finished,
+                            **extra)

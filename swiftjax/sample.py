@@ -1,0 +1,194 @@
+"""N sampled candidates per problem, for any (Backbone, Task), written in shards that survive a kill.
+
+    swiftjax sample CONFIG [key=value ...]      # e.g. configs/gsm8k/swift.yaml split=test
+
+Every candidate set is named by the digest of everything it depends on (the backbone's
+weights, tokenizer and template; the task, its files and wording; the problems; N, the seed,
+the sampling settings and the batch layout). Rows are decoded in fixed
+[batch_size, prompt_len] batches; batch ``b`` draws from ``fold_in(key(seed + split offset), b)``
+and is written atomically as one shard (``<name>.shards/NNNNN.jsonl``). A killed run
+restarts at the first missing shard, and the finished set is identical to an uninterrupted
+run's. Samples depend on the batch layout (which rows share a batch's key): ``batch_size``
+and ``prompt_len`` are part of the name, so changing them samples a new set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from swiftjax._io import atomic_file
+from swiftjax.backbone import Backbone
+from swiftjax.config import to_plain
+from swiftjax.data import candidates as cands
+from swiftjax.sampling import SamplingConfig, generate
+from swiftjax.tasks import Task
+
+__all__ = ["SamplingSection", "candidate_set", "digest", "split_seed", "check_writable"]
+
+_SPLIT_OFFSET = {"test": 0, "train": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSection:
+    """How candidates are drawn. ``prompt_len``: the fixed prompt width (null: the split's
+    longest prompt rounded up to a multiple of 16). ``batch_size``: rows per decoded batch."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    prompt_len: int | None = None
+    batch_size: int = 64
+
+    def __post_init__(self):
+        SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                       top_p=self.top_p)  # the sampler's own checks
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {self.batch_size}")
+        if self.prompt_len is not None and self.prompt_len < 1:
+            raise ValueError(f"prompt_len: expected a positive int or null, got {self.prompt_len}")
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def split_seed(seed: int, split: str) -> int:
+    return seed + _SPLIT_OFFSET[split]
+
+
+def check_writable(path: Path, what: str) -> Path:
+    """Create ``path`` as a directory (or check it is one) and that files can be written in it,
+    before any work: a bad output location is an error up front, not after hours."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what}: expected a directory, {path} is an existing file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write to {path} ({e.strerror})") from None
+    return path
+
+
+def _prompt_len(backbone: Backbone, messages: list[str], cfg: SamplingSection) -> int:
+    longest = max(len(backbone.prompt_ids(m)) for m in dict.fromkeys(messages))
+    if cfg.prompt_len is not None:
+        if longest > cfg.prompt_len:
+            raise ValueError(f"sampling.prompt_len: a prompt needs {longest} tokens, more than prompt_len="
+                             f"{cfg.prompt_len}; raise it or set it to null")
+        width = cfg.prompt_len
+    else:
+        width = -(-longest // 16) * 16
+    limit = int(backbone.config.max_position_embeddings)
+    if width + cfg.max_new_tokens > limit:
+        raise ValueError(f"sampling: prompt_len {width} + max_new_tokens {cfg.max_new_tokens} exceed the model's "
+                         f"context of {limit} positions")
+    return width
+
+
+def _shard_rows(backbone, task, problems, n, tokens, start):
+    rows = []
+    for j, resp in enumerate(tokens):
+        r = start + j
+        p = problems[r // n]
+        resp_ids = backbone.trim_response(resp)
+        text = backbone.decode_response(resp_ids)
+        ans, ok = task.grade(text, p.gold)
+        rows.append({"prompt_id": p.id, "index": r % n, "prompt": task.user_message(p), "text": text,
+                     "token_ids": resp_ids, "answer": ans, "correct": ok, "gold": p.gold})
+    return rows
+
+
+def _read_shard(path: Path, expect: int, start: int, n: int, problems) -> list[dict] | None:
+    """A finished shard's rows, or None when it is unreadable or not what this batch writes."""
+    try:
+        rows = cands.read_candidates(path)
+    except (OSError, ValueError):
+        return None
+    if len(rows) != expect:
+        return None
+    for j, row in enumerate(rows):
+        r = start + j
+        if row["prompt_id"] != problems[r // n].id or row["index"] != r % n:
+            return None
+    return rows
+
+
+def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, sampling: SamplingSection, seed: int,
+                  out_dir, progress: bool = True, log=print) -> tuple[list[dict], Path]:
+    """The N-per-problem candidate rows of ``task``'s ``split``, sampled or read back from
+    ``out_dir`` (see the module doc). Returns (rows in problem-then-index order, path)."""
+    problems = task.problems(split)
+    messages = [task.user_message(p) for p in problems]
+    width = _prompt_len(backbone, messages, sampling)
+    key = {"format": 2, "model": backbone.digest, "task": task.describe(), "split": split,
+           "problems": digest([(p.id, m, p.gold) for p, m in zip(problems, messages)]), "n": n, "seed": seed,
+           "sampling": to_plain(sampling), "prompt_len": width,
+           "eos_ids": list(backbone.eos_ids), "pad_id": backbone.pad_id}
+    out_dir = Path(out_dir)
+    name = f"candidates_{split}_{digest(key)}"
+    path = out_dir / f"{name}.jsonl"
+    key_text = json.dumps(key, sort_keys=True, default=str, indent=1) + "\n"
+    kp = cands.key_path(path)
+    if path.is_file() and kp.is_file() and kp.read_text(encoding="utf-8") == key_text:
+        log(f"candidates: {path}")
+        return cands.read_candidates(path), path
+    shard_dir = out_dir / f"{name}.shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    total, bs = len(problems) * n, sampling.batch_size
+    n_batches = -(-total // bs)
+    scfg = SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                          top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=backbone.eos_ids,
+                          pad_id=backbone.pad_id)
+    base = jax.random.key(split_seed(seed, split))
+    delay = float(os.environ.get("SWIFTJAX_SHARD_DELAY", "0") or 0)  # tests: time to kill between shards
+    rows: list[dict] = []
+    t0, done_before = time.time(), 0
+    ids = mask = None
+    for b in range(n_batches):
+        s, e = b * bs, min((b + 1) * bs, total)
+        shard = shard_dir / f"{b:05d}.jsonl"
+        got = _read_shard(shard, e - s, s, n, problems) if shard.is_file() else None
+        if got is not None:
+            rows += got
+            done_before += 1
+            continue
+        if ids is None:
+            ids, mask = backbone.encode_prompts([m for m in messages for _ in range(n)], width)
+        bi, bm = ids[s:e], mask[s:e]
+        if e - s < bs:  # pad the last batch to the compiled shape
+            bi = np.concatenate([bi, np.repeat(bi[-1:], bs - (e - s), 0)])
+            bm = np.concatenate([bm, np.repeat(bm[-1:], bs - (e - s), 0)])
+        out = generate(backbone.model, bi, bm, key=jax.random.fold_in(base, b), cfg=scfg)
+        new = _shard_rows(backbone, task, problems, n, np.asarray(out.tokens)[: e - s], s)
+        cands.write_candidates(shard, new)
+        rows += new
+        if progress:
+            k = b + 1 - done_before
+            rate = k / max(time.time() - t0, 1e-9)
+            print(f"\rsampling {split}: shard {b + 1}/{n_batches} ({rate:.2f} shards/s)", end="", file=sys.stderr,
+                  flush=True)
+        if delay:
+            time.sleep(delay)
+    if progress and done_before < n_batches:
+        print(file=sys.stderr)
+    cands.write_candidates(path, rows)
+    with atomic_file(kp, "w", encoding="utf-8") as f:
+        f.write(key_text)
+    for f in shard_dir.glob("*.jsonl"):  # the set is whole: its shards are no longer needed
+        f.unlink()
+    shard_dir.rmdir()
+    log(f"sampled {len(rows)} {split} candidates ({n_batches - done_before} of {n_batches} batches now) "
+        f"in {time.time() - t0:.0f}s -> {path}")
+    return rows, path

@@ -1,0 +1,304 @@
+"""The one sampler: prefill once, then one token a step in a single jitted ``lax.while_loop``.
+
+:func:`run_sampler` owns the loop and its named carry (:class:`SamplerState`); what differs
+between uses is a :class:`Decoder` of hooks: :class:`LMDecoder` decodes one or several models
+in lock step (each with its own KV cache, their logits merged by a ``combine`` function:
+GenARM's guided decoding passes its weights as traced arguments, so new weights never
+recompile); SWIFT's running score (:mod:`swiftjax.methods.swift.features`) reads every step's
+per-layer projections; ARGS (:mod:`swiftjax.methods.genarm.guided`) overrides how a token is
+chosen. :func:`generate` is the plain entry point.
+
+Random stream: one ``jax.random.split`` per step, the sub-key drawing that step's tokens for
+the whole batch. A batch's samples therefore depend on its key and on which rows share it:
+callers that need reproducible candidate sets fix the batch layout (it is part of their
+cache keys).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from swiftjax._checks import check_int, check_rank, check_same_shape
+from swiftjax.models.cache import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """``temperature == 0`` means greedy; ``top_k == 0`` and ``top_p == 1`` disable those filters."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: expected >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: expected >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: jax.Array     # [B, N] sampled ids, pad_id after a row finished
+    logprobs: jax.Array   # [B, N] float32 log p(token) under the (combined) model at T = 1
+    lengths: jax.Array    # [B] tokens generated, the end token included
+    finished: jax.Array   # [B] bool: the row emitted an end token
+
+
+def filter_logits(logits, cfg: SamplingConfig):
+    """Apply temperature, top-k and top-p to logits [B, V] (float32); masked = -inf."""
+    logits = logits.astype(jnp.float32)
+    if cfg.temperature > 0:
+        logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if cfg.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        keep_sorted = before < cfg.top_p              # always keeps the most likely token
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def sample_token(key, logits, cfg: SamplingConfig):
+    """Next ids [B] from logits [B, V]: arg-max when temperature is 0, else a draw."""
+    if cfg.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, cfg), axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- the one loop
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplerState:
+    """The carry of the decoding loop (B rows, N = max_new_tokens, V = vocabulary)."""
+
+    step: jax.Array       # [] int32: tokens generated so far (the column written next)
+    key: jax.Array        # PRNG key, split once per step
+    logits: jax.Array     # [B, V] next-token scores the decoder produced for this step
+    tokens: jax.Array     # [B, N] int32 chosen ids; pad_id after a row finished
+    logprobs: jax.Array   # [B, N] float32 log p(token) under the decoder's distribution, 0 after the end
+    done: jax.Array       # [B] bool: the row has emitted an end token
+    aux: Any              # the decoder's own carry: KV caches, running scores, ...
+
+
+class Decoder:
+    """Hooks of :func:`run_sampler`: how the loop prefills, feeds a chosen token back and picks
+    the next one. A decoder is a frozen (hashable) dataclass: it is a static argument of the
+    jitted loop; traced inputs reach it as ``args``. ``models()`` merges fresh modules from
+    the loop's parameters (call it inside each hook).
+
+    * ``setup(models, args) -> ctx``: once per call, outside the loop (e.g. fold a head);
+    * ``prefill(models, ctx, prompts, cfg) -> (aux, logits [B, V])``;
+    * ``choose(models, ctx, key, state, cfg) -> (tok [B] int32, logprob [B] float32)``:
+      default: :func:`sample_token` and the log-softmax of ``state.logits`` at that token;
+    * ``advance(models, ctx, aux, tok [B], live [B] bool, step) -> (aux, logits [B, V])``:
+      ``live`` marks rows whose token is part of the response (the end token included);
+    * ``finish(ctx, state) -> dict`` of extra outputs.
+    """
+
+    def setup(self, models, args):
+        return args
+
+    def prefill(self, models, ctx, prompts, cfg):
+        raise NotImplementedError
+
+    def choose(self, models, ctx, key, state: SamplerState, cfg: SamplingConfig):
+        tok = sample_token(key, state.logits, cfg)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(state.logits.astype(jnp.float32), -1), tok[:, None], -1)[:, 0]
+        return tok, lp
+
+    def advance(self, models, ctx, aux, tok, live, step):
+        raise NotImplementedError
+
+    def finish(self, ctx, state: SamplerState) -> dict:
+        return {}
+
+
+def _combine_first(logits_list, args):
+    return logits_list[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class LMDecoder(Decoder):
+    """One or several causal LMs in lock step, each with its own KV cache (and its own prompt),
+    their next-token logits merged by ``combine(list of [B, V_i], args) -> [B, V]``."""
+
+    combine: Callable = _combine_first
+    cache_dtype: Any = jnp.float32
+
+    def prefill(self, models, ctx, prompts, cfg):
+        caches, logits = [], []
+        for m, (ids, mask) in zip(models(), prompts):
+            c = init_cache(m.config, ids.shape[0], ids.shape[1] + cfg.max_new_tokens, self.cache_dtype)
+            o = m(ids, mask, cache=c, last_only=True)
+            caches.append(o.cache)
+            logits.append(o.logits[:, -1])
+        return caches, self.combine(logits, ctx)
+
+    def advance(self, models, ctx, aux, tok, live, step):
+        step_mask = jnp.ones((tok.shape[0], 1), jnp.int32)
+        outs = [m(tok[:, None], step_mask, cache=c) for m, c in zip(models(), aux)]
+        return [o.cache for o in outs], self.combine([o.logits[:, -1] for o in outs], ctx)
+
+
+def _end_lengths(tokens, done, step, eos):
+    """Tokens generated per row, the end token included (N for an unfinished row)."""
+    first_end = jnp.argmax(jnp.any(tokens[:, :, None] == eos[None, None, :], -1), axis=1)
+    return jnp.where(done, first_end + 1, jnp.minimum(step, tokens.shape[1])).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "decoder", "cfg"))
+def _sample(states, args, prompts, key, *, graphdefs, decoder, cfg):
+    def models():
+        return [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
+
+    ctx = decoder.setup(models, args)
+    aux, logits = decoder.prefill(models, ctx, prompts, cfg)
+    b, n = logits.shape[0], cfg.max_new_tokens
+    eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+
+    def cond(s: SamplerState):
+        return (s.step < n) & ~jnp.all(s.done)
+
+    def body(s: SamplerState):
+        key, sub = jax.random.split(s.key)
+        tok, lp = decoder.choose(models, ctx, sub, s, cfg)
+        live = ~s.done
+        tok = jnp.where(s.done, cfg.pad_id, tok).astype(jnp.int32)
+        lp = jnp.where(s.done, 0.0, lp).astype(jnp.float32)
+        done = s.done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        aux, logits = decoder.advance(models, ctx, s.aux, tok, live, s.step)
+        return SamplerState(step=s.step + 1, key=key, logits=logits, tokens=s.tokens.at[:, s.step].set(tok),
+                            logprobs=s.logprobs.at[:, s.step].set(lp), done=done, aux=aux)
+
+    init = SamplerState(step=jnp.zeros((), jnp.int32), key=key, logits=logits,
+                        tokens=jnp.full((b, n), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((b, n), jnp.float32),
+                        done=jnp.zeros((b,), bool), aux=aux)
+    s = jax.lax.while_loop(cond, body, init)
+    out = GenerateOutput(tokens=s.tokens, logprobs=s.logprobs, lengths=_end_lengths(s.tokens, s.done, s.step, eos),
+                         finished=s.done)
+    return out, decoder.finish(ctx, s)
+
+
+def check_prompt(ids, mask, where: str = "input_ids", vocab_size: int | None = None):
+    """Validate a left-padded prompt batch; returns (ids, mask) as int32 jax arrays."""
+    ids = jnp.asarray(ids)
+    check_rank(ids, where, 2, "[B, T]")
+    check_int(ids, where)
+    mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
+    check_same_shape(ids, mask, where, f"{where} mask")
+    if ids.shape[1] and np.any(np.asarray(mask)[:, -1] == 0):
+        raise ValueError(f"{where} attention_mask: expected left padding (every row's last token real)")
+    if vocab_size is not None:
+        check_ids_in_vocab(ids, mask, vocab_size, where)
+    return ids.astype(jnp.int32), mask.astype(jnp.int32)
+
+
+def check_ids_in_vocab(ids, mask, vocab_size: int, where: str = "input_ids") -> None:
+    """Token ids under a nonzero mask must lie in [0, vocab_size)."""
+    a = np.asarray(ids)
+    m = np.ones(a.shape, bool) if mask is None else np.asarray(mask) != 0
+    bad = m & ((a < 0) | (a >= vocab_size))
+    if bad.any():
+        pos = tuple(int(x) for x in np.argwhere(bad)[0])
+        raise ValueError(f"{where}: expected token ids in [0, {vocab_size}), got {int(a[pos])} at {list(pos)}")
+
+
+def run_sampler(decoder: Decoder, models: Sequence, prompts: Sequence, *, key=None, cfg: SamplingConfig,
+                args=None):
+    """The decoding loop every sampler in swiftjax runs: prefill, then one token a step in one
+    jitted ``lax.while_loop`` (stopping once every row has ended), with ``decoder``'s hooks.
+
+    models: the NNX modules the decoder uses (their parameters are traced arguments).
+    prompts: one (ids [B, T_i], mask [B, T_i]) left-padded batch per model (validated here).
+    Returns ``(GenerateOutput, decoder.finish(...) dict)``.
+    """
+    if not isinstance(cfg, SamplingConfig):
+        raise ValueError(f"cfg: expected a SamplingConfig, got {type(cfg).__name__}")
+    if key is None:
+        if cfg.temperature != 0:
+            raise ValueError("sampling: a jax.random key is required when temperature > 0")
+        key = jax.random.key(0)
+    checked = []
+    for i, (m, p) in enumerate(zip(models, prompts)):
+        where = "input_ids" if i == 0 else f"extra_inputs[{i - 1}] ids"
+        ids, mask = check_prompt(p[0], p[1], where, int(m.config.vocab_size))
+        limit = m.config.max_position_embeddings
+        if m.config.is_gpt2 and ids.shape[1] + cfg.max_new_tokens > limit:
+            raise ValueError(f"prompt + max_new_tokens: expected <= {limit} positions for gpt2")
+        checked.append((ids, mask))
+    split = [nnx.split(m) for m in models]
+    return _sample([s for _, s in split], args, checked, key, graphdefs=tuple(g for g, _ in split),
+                   decoder=decoder, cfg=cfg)
+
+
+def generate(model, input_ids, attention_mask=None, *, key=None, cfg: SamplingConfig,
+             extra_models: Sequence = (), combine: Callable | None = None, combine_args=None,
+             cache_dtype=jnp.float32, extra_inputs: Sequence | None = None) -> GenerateOutput:
+    """Sample continuations of left-padded prompts.
+
+    input_ids / attention_mask: [B, T] (left padding). ``key`` is required unless greedy.
+    ``extra_models`` decode in lock step with ``model`` (same token ids, own caches);
+    ``combine(list_of_logits [B, V], combine_args) -> logits [B, V]`` merges their
+    next-token logits (``combine_args`` is a traced pytree, e.g. guidance weights).
+    ``extra_inputs``: optional, one entry per extra model, ``None`` (prefill with the base's
+    prompt) or that model's own left-padded ``(ids [B, T_i], mask [B, T_i])`` (e.g. its own
+    prompt template); after the prefill every model consumes the same sampled ids.
+    """
+    models = [model, *extra_models]
+    if len(models) > 1 and combine is None:
+        raise ValueError("generate: extra_models need a combine function for their logits")
+    input_ids, attention_mask = check_prompt(input_ids, attention_mask)
+    b = input_ids.shape[0]
+    if extra_inputs is not None:
+        extra_inputs = _check_extra_inputs(extra_inputs, len(extra_models), b)
+    prompts = [(input_ids, attention_mask)] + [(input_ids, attention_mask) if p is None else p
+                                               for p in (extra_inputs or [None] * len(extra_models))]
+    decoder = LMDecoder(combine=combine or _combine_first, cache_dtype=cache_dtype)
+    out, _ = run_sampler(decoder, models, prompts, key=key, cfg=cfg, args=combine_args)
+    return out
+
+
+def _check_extra_inputs(extra_inputs, k: int, b: int):
+    """Validate per-extra-model prompts: a length-k sequence of None or (ids, mask) [B, T_i]."""
+    if isinstance(extra_inputs, (str, bytes)) or len(extra_inputs) != k:
+        raise ValueError(f"extra_inputs: expected one entry per extra model ({k}), got "
+                         f"{len(extra_inputs) if hasattr(extra_inputs, '__len__') else extra_inputs!r}")
+    out = []
+    for i, item in enumerate(extra_inputs):
+        if item is None:
+            out.append(None)
+            continue
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"extra_inputs[{i}]: expected None or a pair (ids, mask), got {type(item).__name__}")
+        ids, mask = jnp.asarray(item[0]), jnp.asarray(item[1])
+        check_rank(ids, f"extra_inputs[{i}] ids", 2, "[B, T_i]")
+        check_int(ids, f"extra_inputs[{i}] ids")
+        check_same_shape(ids, mask, f"extra_inputs[{i}] ids", f"extra_inputs[{i}] mask")
+        if ids.shape[0] != b:
+            raise ValueError(f"extra_inputs[{i}]: expected batch B={b} rows, got {ids.shape[0]}")
+        if np.any(np.asarray(mask)[:, -1] == 0):
+            raise ValueError(f"extra_inputs[{i}] mask: expected left padding (every row's last token real)")
+        out.append((ids.astype(jnp.int32), mask.astype(jnp.int32)))
+    return tuple(out)

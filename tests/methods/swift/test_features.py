@@ -1,0 +1,387 @@
+"""SWIFT features (vs transformers' hidden states / logits), fused scoring (vs stored-feature
+scoring and a numpy head), and the running score while decoding (vs teacher-forced scoring)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import swiftjax
+from swiftjax.methods.swift import features as F
+from swiftjax.methods.swift import head as swift
+from swiftjax.data.store import FeatureStore
+from swiftjax.sampling import SamplingConfig, generate
+from hf_tiny import tiny_hf_model
+
+HF_TOL = 1e-4  # our forward vs torch (same as tests/test_models.py)
+FUSED_TOL = 1e-5  # fused vs stored-feature scoring (both ours, float32)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """arch -> (hf, model, cfg), built on first use."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            hf = tiny_hf_model(arch, seed=5)
+            d = tmp_path_factory.mktemp(arch)
+            hf.save_pretrained(d)
+            model, cfg = swiftjax.load_model(d)
+            cache[arch] = (hf, model, cfg)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def pair(request, models):
+    return (request.param, *models(request.param))
+
+
+def _batch(seed=0, b=3, t=12, vocab=97):
+    """Left-padded prompts followed by responses of different lengths, right padding after."""
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(3, vocab, size=(b, t))
+    attn = np.ones_like(ids)
+    resp = np.zeros_like(ids)
+    spans = [(0, 5, 12), (2, 6, 10), (4, 7, 12)]  # (left pad, response start, response end)
+    for r, (pad, s, e) in enumerate(spans[:b]):
+        attn[r, :pad] = 0
+        attn[r, e:] = 0
+        resp[r, s:e] = 1
+    ids[attn == 0] = 0
+    return ids, attn, resp
+
+
+def _torch(hf, ids, attn):
+    pos = np.maximum(np.cumsum(attn, 1) - 1, 0)
+    with torch.no_grad():
+        out = hf(torch.tensor(ids), attention_mask=torch.tensor(attn), position_ids=torch.tensor(pos),
+                 output_hidden_states=True)
+    return out.logits.numpy().astype(np.float64), out.hidden_states
+
+
+def _torch_norm(hf, h):
+    norm = hf.model.norm if hasattr(hf, "model") else hf.transformer.ln_f
+    with torch.no_grad():
+        return norm(h).numpy()
+
+
+def np_reference_features(hf, ids, attn, spec, num_layers):
+    """Features straight from transformers: HF hidden states (normed with HF's final norm when
+    apply_norm), concatenated in index order; or logits / numpy top-k."""
+    logits, states = _torch(hf, ids, attn)
+    if spec.mode == "hidden":
+        layers = range(num_layers + 1) if spec.layers == "all" else sorted(spec.layers)
+        parts = [_torch_norm(hf, states[i]) if spec.apply_norm else states[i].numpy() for i in layers]
+        return np.concatenate(parts, axis=-1).astype(np.float64)
+    if spec.mode == "logits":
+        return logits
+    top = -np.sort(-logits, axis=-1)[..., : spec.k]
+    if spec.mode == "topk":
+        return top
+    mx = logits.max(-1, keepdims=True)
+    return top - (np.log(np.exp(logits - mx).sum(-1, keepdims=True)) + mx)
+
+
+def np_score(kernel, bias, x, mask):
+    proj = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
+    m = np.asarray(mask, np.float64)
+    if proj.shape[-1] == 2:
+        g = 1.0 / (1.0 + np.exp(-proj[..., 0]))
+        return (g * proj[..., 1] * m).sum(-1) / np.maximum((g * m).sum(-1), 1e-8)
+    return (proj[..., 0] * m).sum(-1) / np.maximum(m.sum(-1), 1.0)
+
+
+def _head(spec, cfg, gated, seed=0):
+    p = swift.init_params(jax.random.key(seed), F.feature_dim(spec, cfg), gated=gated)
+    # larger weights than the default init so that scores move visibly with the features
+    return {"kernel": p["kernel"] * 4.0, "bias": p["bias"]}
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+def test_spec_resolution_and_dims():
+    s = F.FeatureSpec(layers=(3, 0, 1), apply_norm=True)
+    assert F.resolve_layers(s, 3) == (0, 1, 3)
+    assert F.resolve_layers(F.FeatureSpec(), 4) == (0, 1, 2, 3, 4)
+    cfg = swiftjax.models.config.ModelConfig("llama", 50, 16, 3, 2, 2, 8, 32)
+    assert F.feature_dim(s, cfg) == 3 * 16
+    assert F.feature_dim(F.FeatureSpec(), cfg) == 4 * 16
+    assert F.feature_dim(F.FeatureSpec(mode="logits"), cfg) == 50
+    assert F.feature_dim(F.FeatureSpec(mode="topk", k=7), cfg) == 7
+    assert F.FeatureSpec.from_dict(s.to_dict()) == s
+    assert F.FeatureSpec.from_dict(F.FeatureSpec(mode="topk_logprobs", k=3).to_dict()).k == 3
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(layers=()), "non-empty"),
+    (dict(layers=(1, 1)), "distinct"),
+    (dict(layers=(-1,)), "ints >= 0"),
+    (dict(layers="some"), "'all'"),
+    (dict(mode="pooled"), "mode"),
+    (dict(mode="topk"), "k"),
+    (dict(mode="hidden", k=3), "k"),
+    (dict(apply_norm=1), "bool"),
+])
+def test_bad_specs_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        F.FeatureSpec(**kw)
+
+
+def test_resolve_rejects_out_of_range_and_logits_modes():
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        F.resolve_layers(F.FeatureSpec(layers=(4,)), 3)
+    with pytest.raises(ValueError, match="reads no hidden-state"):
+        F.resolve_layers(F.FeatureSpec(mode="logits"), 3)
+
+
+# ----------------------------------------------------------------------------- extraction
+
+SPECS = [
+    F.FeatureSpec(),  # all L+1 states
+    F.FeatureSpec(layers=(3, 0), apply_norm=True),  # 0 and L (normed twice), given out of order
+    F.FeatureSpec(mode="logits"),
+    F.FeatureSpec(mode="topk", k=4),
+    F.FeatureSpec(mode="topk_logprobs", k=4),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.mode}-{s.layers}-{s.apply_norm}")
+def test_extract_equals_transformers_states(pair, spec):
+    _, hf, model, cfg = pair
+    ids, attn, resp = _batch()
+    got = np.asarray(F.extract(model, ids, attn, resp, spec))
+    ref = np_reference_features(hf, ids, attn, spec, cfg.num_layers)
+    assert got.dtype == np.float32 and got.shape == ids.shape + (F.feature_dim(spec, cfg),)
+    on = resp.astype(bool)
+    np.testing.assert_allclose(got[on], ref[on], atol=HF_TOL, rtol=1e-5)
+    assert np.all(got[~on] == 0)  # zero outside the response
+
+
+def test_batches_cover_the_set_with_one_compilation(models):
+    _, model, cfg = models("llama")
+    ids, attn, resp = _batch(b=3)
+    ids, attn, resp = (np.concatenate([a, a[::-1]], 0)[:5] for a in (ids, attn, resp))
+    spec = F.FeatureSpec(layers=(1, 2))
+    whole = np.asarray(F.extract(model, ids, attn, resp, spec))
+    before = F._extract._cache_size()
+    seen = []
+    for fb in F.iter_feature_batches(model, ids, attn, resp, spec, batch_size=2):
+        assert fb.features.shape == (2, ids.shape[1], F.feature_dim(spec, cfg))
+        for j, r in enumerate(fb.rows):
+            if r < 0:
+                assert np.all(fb.mask[j] == 0)
+                continue
+            seen.append(r)
+            np.testing.assert_allclose(np.asarray(fb.features[j]), whole[r], atol=1e-5)
+            np.testing.assert_array_equal(fb.mask[j], resp[r])
+    assert sorted(seen) == list(range(5))
+    assert F._extract._cache_size() - before <= 1  # batches of 2, padded last: one shape
+
+
+def test_response_rows_and_pad_rows_round_trip():
+    rs = np.random.RandomState(0)
+    x = rs.randn(3, 6, 4).astype(np.float32)
+    m = np.zeros((3, 6), np.float32)
+    m[0, 1:4] = 1
+    m[1, :6] = 1
+    m[2, 5] = 1
+    rows = F.response_rows(x, m)
+    assert [r.shape[0] for r in rows] == [3, 6, 1]
+    np.testing.assert_array_equal(rows[0], x[0, 1:4])
+    padded, pm = F.pad_rows(rows, pad_to=7)
+    assert padded.shape == (3, 7, 4)
+    for b in range(3):
+        n = int(m[b].sum())
+        np.testing.assert_array_equal(padded[b, :n], x[b][m[b] > 0])
+        assert np.all(padded[b, n:] == 0) and pm[b].sum() == n
+    with pytest.raises(ValueError, match="pad_to"):
+        F.pad_rows(rows, pad_to=3)
+    with pytest.raises(ValueError, match="mask"):
+        F.response_rows(x, m[:, :5])
+
+
+def test_write_store_holds_the_response_features(models, tmp_path):
+    _, model, cfg = models("gpt2")
+    ids, attn, resp = _batch()
+    spec = F.FeatureSpec(layers=(0, cfg.num_layers))
+    labels = np.array([1.0, 0.0, 1.0])
+    groups = np.array([0, 0, 1])
+    path = F.write_store(tmp_path / "st", model, spec, ids, attn, resp, labels, groups, batch_size=2,
+                         shard_rows=2)
+    st = FeatureStore(path)
+    assert len(st) == 3 and st.feature_dim == F.feature_dim(spec, cfg)
+    assert F.FeatureSpec.from_dict(st.spec) == spec and st.meta["num_layers"] == cfg.num_layers
+    np.testing.assert_array_equal(st.labels, labels)
+    np.testing.assert_array_equal(st.group_ids, groups)
+    np.testing.assert_array_equal(st.lengths, resp.sum(1))
+    whole = np.asarray(F.extract(model, ids, attn, resp, spec))
+    x, m = st.batch([0, 1, 2])
+    for b in range(3):
+        ref = whole[b][resp[b] > 0]
+        n = ref.shape[0]
+        np.testing.assert_allclose(x[b, :n], ref, rtol=2.0 ** -8, atol=1e-30)  # bf16 rounding
+        assert m[b].sum() == n
+
+
+# ----------------------------------------------------------------------------- fused scoring
+
+FUSED_CASES = [  # (spec, gated); every spec is also checked against transformers' features
+    (F.FeatureSpec(), True),
+    (F.FeatureSpec(layers="all", apply_norm=True), False),
+    (F.FeatureSpec(layers=(3, 0), apply_norm=True), True),  # 0 and L
+    (F.FeatureSpec(layers=(0,)), False),
+    (F.FeatureSpec(mode="logits"), True),
+    (F.FeatureSpec(mode="topk", k=4), False),
+]
+
+
+@pytest.mark.parametrize("spec, gated", FUSED_CASES,
+                         ids=lambda v: f"{v.mode}-{v.layers}-{v.apply_norm}" if isinstance(v, F.FeatureSpec)
+                         else ("gated" if v else "ungated"))
+def test_fused_scores_equal_stored_feature_scores(pair, spec, gated):
+    _, hf, model, cfg = pair
+    ids, attn, resp = _batch(seed=3)
+    p = _head(spec, cfg, gated)
+    fused = np.asarray(F.fused_scores(model, p, spec, ids, attn, resp))
+    stored = np.asarray(swift.score(p, F.extract(model, ids, attn, resp, spec), resp))
+    np.testing.assert_allclose(fused, stored, atol=FUSED_TOL, rtol=FUSED_TOL)
+    # and against a numpy head over transformers' own features (independent of our forward)
+    ref = np_score(p["kernel"], p["bias"], np_reference_features(hf, ids, attn, spec, cfg.num_layers), resp)
+    np.testing.assert_allclose(fused, ref, atol=2e-4, rtol=1e-4)
+    assert np.ptp(ref) > 1e-3  # the rows differ: the comparison can fail
+
+
+def test_fused_scores_batched_equals_per_batch(models):
+    _, model, cfg = models("gpt2")
+    ids, attn, resp = _batch(seed=4)
+    ids, attn, resp = (np.concatenate([a, a[::-1], a[:1]], 0) for a in (ids, attn, resp))  # N = 7
+    spec = F.FeatureSpec(layers=(1, 3), apply_norm=True)
+    p = _head(spec, cfg, True, seed=2)
+    got = F.fused_scores_batched(model, p, spec, ids, attn, resp, batch_size=3)
+    ref = np_score(p["kernel"], p["bias"], np.asarray(F.extract(model, ids, attn, resp, spec)), resp)
+    assert got.shape == (7,)
+    np.testing.assert_allclose(got, ref, atol=FUSED_TOL, rtol=FUSED_TOL)
+
+
+def test_fused_bad_inputs_raise(models):
+    _, model, cfg = models("llama")
+    ids, attn, resp = _batch()
+    spec = F.FeatureSpec(layers=(1,))
+    p = _head(spec, cfg, True)
+    wide = _head(F.FeatureSpec(layers=(1, 2)), cfg, True)
+    with pytest.raises(ValueError, match="rows"):
+        F.fused_scores(model, wide, spec, ids, attn, resp)
+    with pytest.raises(ValueError, match="response_mask"):
+        bad = resp.copy()
+        bad[1, 0] = 1  # a left-padding position
+        F.fused_scores(model, p, spec, ids, attn, bad)
+    with pytest.raises(ValueError, match="integer"):
+        F.extract(model, ids.astype(np.float32), attn, resp, spec)
+    with pytest.raises(ValueError, match="same shape"):
+        F.extract(model, ids, attn, resp[:, :-1], spec)
+    with pytest.raises(ValueError, match="FeatureSpec"):
+        F.extract(model, ids, attn, resp, {"layers": "all"})
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        F.extract(model, ids, attn, resp, F.FeatureSpec(layers=(9,)))
+    with pytest.raises(ValueError, match="batch_size"):
+        next(F.iter_feature_batches(model, ids, attn, resp, spec, batch_size=0))
+    with pytest.raises(ValueError, match="params"):
+        F.fused_scores(model, {"kernel": p["kernel"]}, spec, ids, attn, resp)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _prompts(seed=1, vocab=97):
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(3, vocab, size=(3, 6))
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch, spec, gated", [
+    ("llama", F.FeatureSpec(layers="all", apply_norm=True), True),
+    ("gpt2", F.FeatureSpec(layers=(0, 2)), False),
+], ids=["llama-all-norm-gated", "gpt2-subset-ungated"])
+def test_running_score_during_decoding(models, arch, spec, gated):
+    _, model, cfg = models(arch)
+    ids, mask = _prompts()
+    p = _head(spec, cfg, gated, seed=7)
+    n = 8
+    key = jax.random.key(4)
+    # many end tokens: with this seed rows finish at different steps (asserted below)
+    sc = SamplingConfig(max_new_tokens=n, temperature=1.0, eos_ids=tuple(range(3, 23)), pad_id=0)
+    out = F.generate_with_scores(model, p, spec, ids, mask, key=key, cfg=sc)
+    ref = generate(model, ids, mask, key=key, cfg=sc)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-6)
+    lengths = np.asarray(out.lengths)
+    # teacher-forced prompt + response (end token included), right-padded after the response
+    live = (np.arange(n)[None, :] < lengths[:, None]).astype(np.int32)
+    full = np.concatenate([ids, np.asarray(out.tokens)], 1)
+    attn = np.concatenate([mask, live], 1)
+    resp = np.concatenate([np.zeros_like(mask), live], 1)
+    tf = np.asarray(F.fused_scores(model, p, spec, full, attn, resp))
+    np.testing.assert_allclose(np.asarray(out.scores), tf, atol=FUSED_TOL, rtol=FUSED_TOL)
+    # every prefix: the running score equals the teacher-forced score of that prefix
+    run = np.asarray(out.running)
+    t = ids.shape[1]
+    for j in range(n):
+        pm = resp.copy()
+        pm[:, t + j + 1:] = 0
+        tf_j = np.asarray(F.fused_scores(model, p, spec, full, attn, pm))
+        np.testing.assert_allclose(run[:, j], tf_j, atol=FUSED_TOL, rtol=FUSED_TOL)
+    # per-token (u, r): zero after the end; the running score is their numpy pooling
+    got = np.asarray(out.token_proj, np.float64)
+    assert np.all(got[live == 0] == 0)
+    for j in range(n):
+        m = live * (np.arange(n)[None, :] <= j)
+        if gated:
+            g = 1.0 / (1.0 + np.exp(-got[..., 0]))
+            ref_j = (g * got[..., 1] * m).sum(1) / np.maximum((g * m).sum(1), 1e-8)
+        else:
+            ref_j = (got[..., 0] * m).sum(1) / np.maximum(m.sum(1), 1.0)
+        np.testing.assert_allclose(run[:, j], ref_j, atol=1e-6, rtol=1e-5)
+    assert lengths.min() < n and len(set(lengths.tolist())) > 1  # rows ended early, at different steps
+
+
+def test_generate_with_scores_bad_inputs(models):
+    _, model, cfg = models("llama")
+    ids, mask = _prompts()
+    spec = F.FeatureSpec(layers=(1,))
+    p = _head(spec, cfg, True)
+    sc = SamplingConfig(max_new_tokens=2, temperature=1.0)
+    with pytest.raises(ValueError, match="key"):
+        F.generate_with_scores(model, p, spec, ids, mask, cfg=sc)
+    right = mask[:, ::-1].copy()
+    with pytest.raises(ValueError, match="left padding"):
+        F.generate_with_scores(model, p, spec, ids, right, key=jax.random.key(0), cfg=sc)
+    with pytest.raises(ValueError, match="SamplingConfig"):
+        F.generate_with_scores(model, p, spec, ids, mask, key=jax.random.key(0), cfg={"max_new_tokens": 2})
+
+
+def test_token_logprob_features_match_numpy():
+    from swiftjax.methods.swift.features import token_logprob_features
+
+    rs = np.random.RandomState(0)
+    logits = rs.randn(2, 5, 11).astype(np.float32) * 2
+    ids = rs.randint(0, 11, size=(2, 5))
+    got = np.asarray(token_logprob_features(jnp.asarray(logits), jnp.asarray(ids), k=3))
+    x = logits.astype(np.float64)
+    lp = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+    assert got.shape == (2, 5, 5)
+    np.testing.assert_array_equal(got[:, 0], 0.0)
+    for b in range(2):
+        for t in range(1, 5):
+            prev = lp[b, t - 1]
+            ref = [prev[ids[b, t]], -(np.exp(prev) * prev).sum(), *np.sort(prev)[::-1][:3]]
+            np.testing.assert_allclose(got[b, t], ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,120 @@
+"""`swift run` end to end on tiny HF chat models and a GSM8K-format task; resumable sampling."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hf_tiny import save_tiny_chat_model, write_gsm8k_toy
+
+from swiftjax.config import parse_typed
+from swiftjax.data import candidates as cands
+from swiftjax.methods.swift import pipeline
+from swiftjax.methods.swift.head_io import load_head
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _config(tmp, model, *extra):
+    data = write_gsm8k_toy(tmp / "gsm8k.jsonl")
+    return parse_typed(pipeline.SwiftRunConfig, [
+        f"model={model}", "task.name=gsm8k", f"task.test_path={data}", "task.n_test=2", "task.n_train=4",
+        f"out={tmp / 'out'}", "n=4", "rollouts_per_group=4", "sampling.max_new_tokens=10", "sampling.batch_size=8",
+        "sampling.temperature=1.0", "swift.max_epochs=2", "swift.groups_per_batch=1", "extract_batch=8",
+        "progress=false", *extra], "test")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama3"])
+def test_swift_run_on_a_tiny_chat_model(arch, tmp_path):
+    model, _ = save_tiny_chat_model(arch, tmp_path / "model")
+    cfg = _config(tmp_path, model)
+    res = pipeline.run(cfg, report=False)
+    out = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(out["bon"]) == {"random", "majority", "swift", "oracle"}
+    assert set(out["bon"]["swift"]) == {"1", "2", "3", "4"}
+    assert out["model"]["digest"] == res["model"]["digest"] and out["task"]["name"] == "gsm8k"
+    assert out["n_test_problems"] == 2 and out["n_train_problems"] == 4
+    # fused scores of the test candidates == the head over stored (teacher-forced) features
+    params, spec, meta = load_head(tmp_path / "out" / "head")
+    assert meta["info"]["model"]["digest"] == out["model"]["digest"]
+    rows = sorted(cands.read_candidates(next((tmp_path / "out").glob("candidates_test_*.jsonl"))),
+                  key=lambda r: (r["prompt_id"], r["index"]))
+    bb = pipeline.backbone_of(cfg)
+    from swiftjax import features as feats
+    from swiftjax import swift
+
+    ids, attn, resp = pipeline.encode_rows(bb, rows, 256)
+    ref = np.asarray(swift.score(params, feats.extract(bb.model, ids, attn, resp, spec), resp))
+    got = pipeline.score_rows(bb, params, spec, rows, max_len=256, batch_size=8, progress=False)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # every response ends at an end-of-turn id or at max_new_tokens
+    for r in rows:
+        assert r["token_ids"][-1] in bb.eos_ids or len(r["token_ids"]) == 10
+    # a second run reuses everything and gives the same table
+    again = pipeline.run(cfg, report=False)
+    assert again["bon"] == res["bon"]
+
+
+def _sample_cmd(tmp, model, out):
+    data = write_gsm8k_toy(tmp / "gsm8k.jsonl")
+    return [sys.executable, "-m", "swiftjax.cli", "sample", f"model={model}", "task.name=gsm8k",
+            f"task.test_path={data}", "task.n_test=6", "task.n_train=null", f"out={out}", "n=4", "rollouts_per_group=4",
+            "split=test",
+            "sampling.max_new_tokens=12", "sampling.batch_size=2", "progress=false"]
+
+
+def test_sampling_killed_then_rerun_gives_the_identical_set(tmp_path):
+    model, _ = save_tiny_chat_model("qwen2", tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    ref = subprocess.run(_sample_cmd(tmp_path, model, tmp_path / "ref"), env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    # the same run, killed (SIGKILL) once some shards are on disk, then run again
+    slow = {**env, "SWIFTJAX_SHARD_DELAY": "0.5"}
+    proc = subprocess.Popen(_sample_cmd(tmp_path, model, tmp_path / "killed"), env=slow,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list((tmp_path / "killed").glob("*.shards/*.jsonl"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shards = list((tmp_path / "killed").glob("*.shards/*.jsonl"))
+    assert 3 <= len(shards) < 12, "the kill should land mid-run"
+    again = subprocess.run(_sample_cmd(tmp_path, model, tmp_path / "killed"), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    a = next((tmp_path / "ref").glob("candidates_test_*.jsonl"))
+    b = next((tmp_path / "killed").glob("candidates_test_*.jsonl"))
+    assert a.name == b.name
+    assert a.read_bytes() == b.read_bytes()
+    assert not list((tmp_path / "killed").glob("*.shards"))
+
+
+def test_config_is_validated_whole_before_any_work(tmp_path):
+    def err(*args):
+        with pytest.raises(ValueError) as e:
+            parse_typed(pipeline.SwiftRunConfig, list(args), "swift run")
+        return str(e.value)
+
+    assert "sampling.temperature: expected a finite number, got nan" in err("sampling.temperature=nan")
+    assert "sampling.max_new_tokens: expected an int, got 3.0" in err("sampling.max_new_tokens=3.0")
+    assert "max_len: expected an int or null, got 'abc'" in err("max_len=abc")
+    assert "progress: expected true/false, got 'maybe'" in err("progress=maybe")
+    assert "features.layers: expected" in err("features.layers=3")
+    assert "swift.los: unknown key" in err("swift.los=dpo")
+    assert "swift: loss: expected one of" in err("swift.loss=nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("n: 4\nsampling: {temperature: 1.0\n")
+    assert f"config {bad}: line" in err(str(bad))
+    bad.write_text("n: 4\nsamplin: {}\n")
+    assert f"{bad}: samplin: unknown key" in err(str(bad))
+
+
+def test_outputs_are_checked_before_work(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    cfg = parse_typed(pipeline.SwiftRunConfig, [f"out={f}"], "swift run")
+    with pytest.raises(ValueError, match="out: expected a directory, .* is an existing file"):
+        pipeline.run(cfg, report=False)

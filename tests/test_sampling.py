@@ -1,0 +1,127 @@
+"""KV-cache sampling: greedy equals transformers' generate; filters equal a numpy reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import swiftjax
+from swiftjax.sampling import SamplingConfig, filter_logits, generate
+from hf_tiny import ARCHS, tiny_hf_model
+
+
+def _prompts(seed=1, vocab=97):
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(3, vocab, size=(4, 7))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_transformers_generate(arch, tmp_path):
+    hf = tiny_hf_model(arch, seed=11)
+    hf.save_pretrained(tmp_path)
+    model, _ = swiftjax.load_model(tmp_path)
+    ids, mask = _prompts()
+    n = 12
+    out = generate(model, ids, mask, cfg=SamplingConfig(max_new_tokens=n, temperature=0,
+                                                        eos_ids=(2,), pad_id=0))
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=n,
+                          do_sample=False, pad_token_id=0, eos_token_id=2)[:, ids.shape[1]:].numpy()
+    ours = np.asarray(out.tokens)
+    np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
+    assert (ours[:, ref.shape[1]:] == 0).all()
+    # lengths count up to and including EOS
+    for row, length, fin in zip(ours, np.asarray(out.lengths), np.asarray(out.finished)):
+        hits = np.flatnonzero(row == 2)
+        assert fin == (hits.size > 0)
+        assert length == (hits[0] + 1 if hits.size else n)
+
+
+def test_logprobs_are_the_models_teacher_forced_logprobs(tmp_path):
+    hf = tiny_hf_model("llama", seed=3)
+    hf.save_pretrained(tmp_path)
+    model, _ = swiftjax.load_model(tmp_path)
+    ids, mask = _prompts(seed=2)
+    out = generate(model, ids, mask, key=jax.random.key(0),
+                   cfg=SamplingConfig(max_new_tokens=6, temperature=1.0))
+    full_ids = np.concatenate([ids, np.asarray(out.tokens)], 1)
+    full_mask = np.concatenate([mask, np.ones_like(np.asarray(out.tokens))], 1)
+    logits = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask)).logits, np.float64)
+    t = ids.shape[1]
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    ref = np.take_along_axis(logits[:, :-1], full_ids[:, 1:, None], -1)[..., 0] - lse[:, :-1]
+    np.testing.assert_allclose(np.asarray(out.logprobs), ref[:, t - 1:], atol=2e-5)
+
+
+def _np_filter(logits, temperature, top_k, top_p):
+    x = logits.astype(np.float64) / temperature
+    out = np.full_like(x, -np.inf)
+    for b in range(x.shape[0]):
+        row = x[b].copy()
+        if top_k:
+            thresh = np.sort(row)[::-1][top_k - 1]
+            row[row < thresh] = -np.inf
+        if top_p < 1:
+            order = np.argsort(-row, kind="stable")
+            p = np.exp(row[order] - row[order][0])
+            p /= p.sum()
+            cum = 0.0
+            keep = np.zeros_like(row, bool)
+            for j, idx in enumerate(order):
+                if cum < top_p:
+                    keep[idx] = True
+                cum += p[j]
+            row[~keep] = -np.inf
+        out[b] = row
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.7), (8, 0.5), (1, 1.0)])
+def test_filter_logits_matches_numpy(top_k, top_p):
+    rs = np.random.RandomState(top_k * 10 + int(top_p * 10))
+    logits = rs.randn(6, 40).astype(np.float32) * 3
+    cfg = SamplingConfig(temperature=0.8, top_k=top_k, top_p=top_p)
+    ours = np.asarray(filter_logits(jnp.asarray(logits), cfg))
+    ref = _np_filter(logits, 0.8, top_k, top_p)
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(ours[fin], ref[fin], rtol=1e-6)
+
+
+def test_sampling_respects_filters_and_is_seeded(tmp_path):
+    hf = tiny_hf_model("qwen2", seed=4)
+    hf.save_pretrained(tmp_path)
+    model, _ = swiftjax.load_model(tmp_path)
+    ids, mask = _prompts(seed=3)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.9, top_k=1)
+    a = generate(model, ids, mask, key=jax.random.key(1), cfg=cfg)
+    greedy = generate(model, ids, mask, cfg=SamplingConfig(max_new_tokens=8, temperature=0))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(greedy.tokens))  # top-1 == greedy
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0)
+    x = generate(model, ids, mask, key=jax.random.key(5), cfg=cfg)
+    y = generate(model, ids, mask, key=jax.random.key(5), cfg=cfg)
+    z = generate(model, ids, mask, key=jax.random.key(6), cfg=cfg)
+    np.testing.assert_array_equal(np.asarray(x.tokens), np.asarray(y.tokens))
+    assert (np.asarray(x.tokens) != np.asarray(z.tokens)).any()
+
+
+def test_generate_bad_inputs(tmp_path):
+    hf = tiny_hf_model("gpt2", seed=5)
+    hf.save_pretrained(tmp_path)
+    model, _ = swiftjax.load_model(tmp_path)
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match="key is required"):
+        generate(model, ids, mask, cfg=SamplingConfig(max_new_tokens=2, temperature=1.0))
+    right = mask.copy()
+    right[0, -1] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        generate(model, ids, right, cfg=SamplingConfig(max_new_tokens=2, temperature=0))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="positions for gpt2"):
+        generate(model, ids, mask, cfg=SamplingConfig(max_new_tokens=500, temperature=0))
