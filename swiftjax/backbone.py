@@ -27,7 +27,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
+import jax.numpy as jnp
+import jinja2
 import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from swiftjax.models.load import load_model
 
 # ``model: world`` names the model the project trains on its embedded world and ships.
 WORLD_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "world_model"
@@ -64,9 +70,6 @@ def _raise(msg):
 def render_template(template: str, messages: Sequence[dict], *, add_generation_prompt: bool,
                     bos_token: str = "", eos_token: str = "") -> str:
     """Render a Jinja chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
@@ -108,8 +111,6 @@ class Backbone:
 
     def __init__(self, path, *, template: str | None = None, system: str | None = None, dtype: str = "float32",
                  model=None, config=None):
-        from tokenizers import Tokenizer
-
         self.path = Path(path)
         if not self.path.is_dir():
             raise ValueError(f"model: expected a Hugging Face model directory, {self.path} is not a directory")
@@ -131,13 +132,9 @@ class Backbone:
         self.system = system
         self.dtype = dtype
         if model is None:
-            import jax.numpy as jnp
-
-            import swiftjax
-
             if dtype not in ("float32", "bfloat16"):
                 raise ValueError(f"model.dtype: expected 'float32' or 'bfloat16', got {dtype!r}")
-            model, config = swiftjax.load_model(self.path, dtype=getattr(jnp, dtype))
+            model, config = load_model(self.path, dtype=getattr(jnp, dtype))
         self.model, self.config = model, config
         self.eos_ids = self._resolve_eos()
         self.pad_id = self._resolve_pad()

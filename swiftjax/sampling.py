@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -38,12 +39,17 @@ class SamplingConfig:
     top_p: float = 1.0
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
+    record_topk: int = 0   # > 0: also record each step's top-k log-probs and mean log-prob (confidence scores)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature: expected >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature: expected a finite number >= 0, got {self.temperature}")
+        if not math.isfinite(self.top_p):
+            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
+        if self.record_topk < 0:
+            raise ValueError(f"record_topk: expected >= 0, got {self.record_topk}")
         if self.top_k < 0:
             raise ValueError(f"top_k: expected >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -57,6 +63,8 @@ class GenerateOutput:
     logprobs: jax.Array   # [B, N] float32 log p(token) under the (combined) model at T = 1
     lengths: jax.Array    # [B] tokens generated, the end token included
     finished: jax.Array   # [B] bool: the row emitted an end token
+    topk_logprobs: jax.Array | None = None  # [B, N, k] each step's k largest log-probs (cfg.record_topk = k)
+    mean_logprob: jax.Array | None = None   # [B, N] each step's mean log-prob over the vocabulary
 
 
 def filter_logits(logits, cfg: SamplingConfig):
@@ -99,6 +107,8 @@ class SamplerState:
     tokens: jax.Array     # [B, N] int32 chosen ids; pad_id after a row finished
     logprobs: jax.Array   # [B, N] float32 log p(token) under the decoder's distribution, 0 after the end
     done: jax.Array       # [B] bool: the row has emitted an end token
+    topk: jax.Array       # [B, N, k] top-k log-probs of each step's distribution (k = cfg.record_topk, may be 0)
+    mean_lp: jax.Array    # [B, N] mean log-prob over the vocabulary of each step's distribution
     aux: Any              # the decoder's own carry: KV caches, running scores, ...
 
 
@@ -188,16 +198,25 @@ def _sample(states, args, prompts, key, *, graphdefs, decoder, cfg):
         tok = jnp.where(s.done, cfg.pad_id, tok).astype(jnp.int32)
         lp = jnp.where(s.done, 0.0, lp).astype(jnp.float32)
         done = s.done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        topk, mean_lp = s.topk, s.mean_lp
+        if cfg.record_topk:  # the distribution this step's token came from (T = 1)
+            lp_all = jax.nn.log_softmax(s.logits.astype(jnp.float32), -1)
+            top = jax.lax.top_k(lp_all, cfg.record_topk)[0]
+            topk = topk.at[:, s.step].set(jnp.where(live[:, None], top, 0.0))
+            mean_lp = mean_lp.at[:, s.step].set(jnp.where(live, lp_all.mean(-1), 0.0))
         aux, logits = decoder.advance(models, ctx, s.aux, tok, live, s.step)
         return SamplerState(step=s.step + 1, key=key, logits=logits, tokens=s.tokens.at[:, s.step].set(tok),
-                            logprobs=s.logprobs.at[:, s.step].set(lp), done=done, aux=aux)
+                            logprobs=s.logprobs.at[:, s.step].set(lp), done=done, topk=topk, mean_lp=mean_lp,
+                            aux=aux)
 
     init = SamplerState(step=jnp.zeros((), jnp.int32), key=key, logits=logits,
                         tokens=jnp.full((b, n), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((b, n), jnp.float32),
-                        done=jnp.zeros((b,), bool), aux=aux)
+                        done=jnp.zeros((b,), bool), topk=jnp.zeros((b, n, cfg.record_topk), jnp.float32),
+                        mean_lp=jnp.zeros((b, n if cfg.record_topk else 0), jnp.float32), aux=aux)
     s = jax.lax.while_loop(cond, body, init)
     out = GenerateOutput(tokens=s.tokens, logprobs=s.logprobs, lengths=_end_lengths(s.tokens, s.done, s.step, eos),
-                         finished=s.done)
+                         finished=s.done, topk_logprobs=s.topk if cfg.record_topk else None,
+                         mean_logprob=s.mean_lp if cfg.record_topk else None)
     return out, decoder.finish(ctx, s)
 
 

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from swiftjax.config import build
 from swiftjax.data import gsm8k
 from swiftjax.data import math as math_grader
 
@@ -235,7 +236,5 @@ def make_task(cfg: TaskConfig | dict | None = None) -> Task:
     if cfg is None:
         cfg = TaskConfig()
     if isinstance(cfg, dict):
-        from swiftjax.config import build
-
         cfg = build(TaskConfig, cfg, "task")
     return Task(cfg)

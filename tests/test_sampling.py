@@ -58,6 +58,31 @@ def test_logprobs_are_the_models_teacher_forced_logprobs(tmp_path):
     np.testing.assert_allclose(np.asarray(out.logprobs), ref[:, t - 1:], atol=2e-5)
 
 
+
+def test_recorded_topk_and_mean_logprob_are_the_teacher_forced_distribution(tmp_path):
+    hf = tiny_hf_model("qwen2", seed=4)
+    hf.save_pretrained(tmp_path)
+    model, _ = swiftjax.load_model(tmp_path)
+    ids, mask = _prompts(seed=5)
+    cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, eos_ids=(2,), record_topk=3)
+    out = generate(model, ids, mask, key=jax.random.key(1), cfg=cfg)
+    plain = generate(model, ids, mask, key=jax.random.key(1), cfg=SamplingConfig(max_new_tokens=6, eos_ids=(2,)))
+    np.testing.assert_array_equal(out.tokens, plain.tokens)  # recording changes nothing sampled
+    assert plain.topk_logprobs is None and plain.mean_logprob is None
+    toks = np.asarray(out.tokens)
+    full_ids = np.concatenate([ids, toks], 1)
+    full_mask = np.concatenate([mask, np.ones_like(toks)], 1)
+    logits = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask)).logits, np.float64)
+    t = ids.shape[1]
+    lp = logits - (np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+                   + logits.max(-1, keepdims=True))
+    lp = lp[:, t - 1:-1]                                          # [B, N, V]: the step distributions
+    live = np.arange(6)[None, :] < np.asarray(out.lengths)[:, None]
+    ref_top = -np.sort(-lp, -1)[..., :3]
+    np.testing.assert_allclose(np.asarray(out.topk_logprobs)[live], ref_top[live], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out.mean_logprob)[live], lp.mean(-1)[live], atol=2e-5)
+    assert (np.asarray(out.topk_logprobs)[~live] == 0).all()
+
 def _np_filter(logits, temperature, top_k, top_p):
     x = logits.astype(np.float64) / temperature
     out = np.full_like(x, -np.inf)

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from swiftjax import bon
+from swiftjax._io import atomic_file
 from swiftjax.backbone import Backbone, load_backbone, BackboneConfig
 from swiftjax.config import parse_typed, to_plain
 from swiftjax.data import candidates as cands
+from swiftjax.data.store import FeatureStore
 from swiftjax.methods.swift import features as feats
 from swiftjax.methods.swift.head_io import load_head, save_head
 from swiftjax.methods.swift.train import SwiftTrainConfig, train_head
@@ -122,8 +124,6 @@ def feature_store_for(backbone: Backbone, rows, spec: feats.FeatureSpec, out: Pa
                       batch_size: int, progress: bool, log=print):
     """The feature store of a candidate set's response tokens, reused when one exists for the
     same backbone, rows (prompts and token ids) and spec (a half-written or corrupt one is rebuilt)."""
-    from swiftjax.data.store import FeatureStore
-
     ids_, arr = cands.group(rows)
     ordered = in_group_order(rows, ids_)
     key = {"model": backbone.digest, "rows": digest([(r["prompt"], r["token_ids"]) for r in ordered]),
@@ -244,8 +244,6 @@ def run(cfg: SwiftRunConfig, *, report: bool = True, log=print) -> dict:
     k = str(cfg.n)
     gap = result["bon"]["oracle"][k] - result["pass@1"]
     result["gap_closed"] = (result["bon"]["swift"][k] - result["pass@1"]) / gap if gap > 0 else None
-    from swiftjax._io import atomic_file
-
     with atomic_file(out / "results.json", "w") as f:
         f.write(json.dumps(result, indent=2, default=float))
     with atomic_file(out / "test_scores.npy", "wb") as f:

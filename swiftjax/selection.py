@@ -1,0 +1,197 @@
+"""Selection beyond Best-of-N: confidence scores from the sampler's own log-probs, voting rules
+over any score, and Best-of-k estimated over random k-subsets of the N candidates.
+
+Scores (higher = more confident), all from per-token quantities the sampler already has:
+
+* ``mean_logprob``: the mean log-prob of the response's own tokens;
+* ``self_certainty``: the mean over tokens of KL(uniform || p_t) = -log V - mean_v log p_t(v)
+  (needs each step's mean log-prob over the vocabulary);
+* DeepConf's token confidence ``c_t = -mean of the top-k log-probs of p_t``; its
+  ``lowest_group`` confidence is the minimum over sliding windows of ``window`` tokens of the
+  windows' mean c_t, and ``tail`` the mean c_t of the last ``tail`` tokens.
+
+Rules over [P, N] candidates (``answers`` [P][N] hashable or None, ``correct`` [P, N] bool):
+``best`` (the top score), ``majority`` (most frequent answer), ``weighted`` (the answer with the
+largest sum of per-candidate weights), ``filter_vote`` (majority among the top ``q`` fraction by
+score), ``borda`` (each candidate gives its answer ``N_k - rank`` points). Ties between answers
+are broken by the first candidate (in generation order) that holds them; a rule that picks no
+answer (every answer None) counts as wrong.
+
+``estimate_at_k`` averages a rule's accuracy over ``draws`` random k-subsets of each problem's N
+candidates (the same subsets for every rule, seeded) and reports the mean over problems with its
+standard error: the first-k curve is one ordering's noise.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "mean_logprob", "self_certainty", "token_confidence", "lowest_group_confidence", "tail_confidence",
+    "pick_best", "pick_majority", "pick_weighted", "pick_filter_vote", "pick_borda", "RULES",
+    "softmax_weights", "estimate_at_k",
+]
+
+
+def _masked(values, mask):
+    v = np.asarray(values, np.float64)
+    m = np.asarray(mask, bool)
+    if v.shape != m.shape:
+        raise ValueError(f"mask: expected shape {v.shape}, got {m.shape}")
+    return v, m
+
+
+def mean_logprob(token_logprobs, mask) -> np.ndarray:
+    """[B] mean of the response tokens' own log-probs; token_logprobs, mask [B, T]."""
+    v, m = _masked(token_logprobs, mask)
+    return np.where(m, v, 0.0).sum(-1) / np.maximum(m.sum(-1), 1)
+
+
+def self_certainty(mean_vocab_logprob, mask, vocab_size: int) -> np.ndarray:
+    """[B] mean over response tokens of KL(U || p_t) = -log V - mean_v log p_t(v).
+    mean_vocab_logprob [B, T]: each step's mean log-prob over the V vocabulary entries."""
+    v, m = _masked(mean_vocab_logprob, mask)
+    kl = -np.log(vocab_size) - v
+    return np.where(m, kl, 0.0).sum(-1) / np.maximum(m.sum(-1), 1)
+
+
+def token_confidence(topk_logprobs) -> np.ndarray:
+    """[B, T] DeepConf token confidence: minus the mean of each step's top-k log-probs [B, T, k]."""
+    x = np.asarray(topk_logprobs, np.float64)
+    if x.ndim != 3:
+        raise ValueError(f"topk_logprobs: expected [B, T, k], got shape {x.shape}")
+    return -x.mean(-1)
+
+
+def lowest_group_confidence(conf, mask, window: int) -> np.ndarray:
+    """[B] the minimum over sliding windows of ``window`` response tokens of their mean
+    confidence (a response shorter than the window: its mean over all its tokens)."""
+    c, m = _masked(conf, mask)
+    if window < 1:
+        raise ValueError(f"window: expected a positive int, got {window}")
+    out = np.empty(c.shape[0])
+    for b in range(c.shape[0]):
+        x = c[b][m[b]]
+        if x.size == 0:
+            out[b] = 0.0
+        elif x.size <= window:
+            out[b] = x.mean()
+        else:
+            cs = np.concatenate([[0.0], np.cumsum(x)])
+            out[b] = ((cs[window:] - cs[:-window]) / window).min()
+    return out
+
+
+def tail_confidence(conf, mask, tail: int) -> np.ndarray:
+    """[B] mean confidence of the last ``tail`` response tokens."""
+    c, m = _masked(conf, mask)
+    if tail < 1:
+        raise ValueError(f"tail: expected a positive int, got {tail}")
+    out = np.empty(c.shape[0])
+    for b in range(c.shape[0]):
+        x = c[b][m[b]]
+        out[b] = x[-tail:].mean() if x.size else 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------- rules
+# A rule maps (answers [n] of hashable|None, scores [n] float) -> the index of the picked
+# candidate (whose correctness counts) or None.
+
+
+def _first_holder(answers, best_answer):
+    return next(i for i, a in enumerate(answers) if a == best_answer)
+
+
+def pick_best(answers, scores, **_) -> int | None:
+    return int(np.argmax(scores)) if len(scores) else None
+
+
+def _vote(answers, weights) -> int | None:
+    totals: dict[Hashable, float] = {}
+    order: list[Hashable] = []
+    for a, w in zip(answers, weights):
+        if a is None:
+            continue
+        if a not in totals:
+            totals[a] = 0.0
+            order.append(a)
+        totals[a] += float(w)
+    if not totals:
+        return None
+    top = max(totals.values())
+    winner = next(a for a in order if totals[a] == top)  # first answer (generation order) among ties
+    return _first_holder(answers, winner)
+
+
+def pick_majority(answers, scores=None, **_) -> int | None:
+    return _vote(answers, np.ones(len(answers)))
+
+
+def pick_weighted(answers, scores, **_) -> int | None:
+    """The answer with the largest sum of weights (``scores`` must be weights >= 0)."""
+    return _vote(answers, scores)
+
+
+def pick_filter_vote(answers, scores, q: float = 0.5, **_) -> int | None:
+    """Majority vote among the top ``ceil(q * n)`` candidates by score (ties: earlier first)."""
+    n = len(answers)
+    keep = max(1, int(np.ceil(q * n)))
+    top = np.argsort(-np.asarray(scores, np.float64), kind="stable")[:keep]
+    mask = np.zeros(n, bool)
+    mask[top] = True
+    return _vote([a if mask[i] else None for i, a in enumerate(answers)], np.ones(n))
+
+
+def pick_borda(answers, scores, **_) -> int | None:
+    """Each candidate gives its answer n - rank points (rank 0 = the best score)."""
+    n = len(answers)
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    points = np.empty(n)
+    points[order] = n - np.arange(n)
+    return _vote(answers, points)
+
+
+RULES: dict[str, Callable] = {"best": pick_best, "majority": pick_majority, "weighted": pick_weighted,
+                              "filter_vote": pick_filter_vote, "borda": pick_borda}
+
+
+def softmax_weights(scores, temperature: float) -> np.ndarray:
+    """Per-problem softmax of scores [P, N] at ``temperature`` (a calibrated vote weight)."""
+    s = np.asarray(scores, np.float64) / float(temperature)
+    s = s - s.max(-1, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(-1, keepdims=True)
+
+
+def estimate_at_k(rule: str | Callable, answers: Sequence[Sequence], scores, correct, ks: Sequence[int], *,
+                  draws: int = 200, seed: int = 0, **rule_kw) -> dict[int, tuple[float, float]]:
+    """{k: (accuracy %, standard error %)} of ``rule`` over random k-subsets.
+
+    For each problem, ``draws`` subsets of size k (k = N: the full set once) are drawn with a
+    seeded generator (the same subsets for every rule and score given the seed); the problem's
+    accuracy is the mean over its subsets, the estimate the mean over problems, and the
+    standard error the problems' standard deviation / sqrt(P)."""
+    fn = RULES[rule] if isinstance(rule, str) else rule
+    correct = np.asarray(correct, bool)
+    p, n = correct.shape
+    scores = np.zeros((p, n)) if scores is None else np.asarray(scores, np.float64)
+    if scores.shape != (p, n) or len(answers) != p:
+        raise ValueError(f"scores, answers: expected [{p}, {n}], got {scores.shape} and {len(answers)} rows")
+    out = {}
+    for k in ks:
+        if not 1 <= k <= n:
+            raise ValueError(f"ks: expected values in [1, {n}], got {k}")
+        rng = np.random.default_rng([seed, k])
+        per = np.empty(p)
+        for i in range(p):
+            subsets = [np.arange(n)] if k == n else [rng.choice(n, size=k, replace=False) for _ in range(draws)]
+            hits = []
+            for sub in subsets:
+                j = fn([answers[i][t] for t in sub], scores[i, sub], **rule_kw)
+                hits.append(bool(j is not None and correct[i, sub[j]]))
+            per[i] = np.mean(hits)
+        se = per.std(ddof=1) / np.sqrt(p) if p > 1 else 0.0
+        out[int(k)] = (float(per.mean() * 100), float(se * 100))
+    return out

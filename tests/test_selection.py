@@ -1,0 +1,81 @@
+"""Confidence scores and selection rules against brute-force / numpy references."""
+import itertools
+
+import numpy as np
+import pytest
+
+from swiftjax import selection as S
+
+
+def _softmax_logp(rng, b, t, v):
+    x = rng.normal(size=(b, t, v))
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_confidence_scores_against_definitions():
+    rng = np.random.default_rng(0)
+    lp = _softmax_logp(rng, 3, 7, 11)                       # full distributions [B, T, V]
+    tok = rng.integers(0, 11, size=(3, 7))
+    own = np.take_along_axis(lp, tok[..., None], -1)[..., 0]
+    mask = np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], bool)
+    for b in range(3):
+        n = mask[b].sum()
+        assert S.mean_logprob(own, mask)[b] == pytest.approx(own[b, :n].mean())
+        # KL(U || p) per token from its definition: sum_v (1/V) log((1/V) / p_v)
+        kl = [np.sum((1 / 11) * np.log((1 / 11) / np.exp(lp[b, t]))) for t in range(n)]
+        assert S.self_certainty(lp.mean(-1), mask, 11)[b] == pytest.approx(np.mean(kl))
+    topk = -np.sort(-lp, -1)[..., :4]
+    conf = S.token_confidence(topk)
+    np.testing.assert_allclose(conf, -topk.mean(-1))
+    for b in range(3):
+        x = conf[b][mask[b]]
+        windows = [x[i:i + 3].mean() for i in range(len(x) - 2)] or [x.mean()]
+        assert S.lowest_group_confidence(conf, mask, 3)[b] == pytest.approx(min(windows))
+        assert S.tail_confidence(conf, mask, 2)[b] == pytest.approx(x[-2:].mean())
+
+
+def _brute_weighted(answers, weights):
+    best, best_w = None, -np.inf
+    for a in dict.fromkeys(x for x in answers if x is not None):  # first-seen order
+        w = sum(wi for ai, wi in zip(answers, weights) if ai == a)
+        if w > best_w:
+            best, best_w = a, w
+    return None if best is None else answers.index(best)
+
+
+def test_weighted_vote_matches_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        n = int(rng.integers(1, 7))
+        answers = [None if rng.random() < 0.2 else int(rng.integers(0, 3)) for _ in range(n)]
+        w = rng.integers(0, 3, size=n).astype(float)  # integer weights: ties happen
+        assert S.pick_weighted(answers, w) == _brute_weighted(answers, w)
+        assert S.pick_majority(answers) == _brute_weighted(answers, np.ones(n))
+
+
+def test_filter_vote_and_borda_brute_force():
+    answers = ["a", "b", "b", "c", "a", "b"]
+    scores = np.array([5.0, 1.0, 0.5, 4.0, 3.0, 0.0])
+    assert answers[S.pick_filter_vote(answers, scores, q=0.5)] == "a"   # top 3: a, c, a
+    assert answers[S.pick_filter_vote(answers, scores, q=1.0)] == "b"   # everyone: b x3
+    # borda: points 6..1 by rank: a: 6 + 4, c: 5, b: 3 + 2 + 1
+    assert answers[S.pick_borda(answers, scores)] == "a"
+
+
+def test_estimate_at_k_is_exact_expectation_in_the_limit():
+    rng = np.random.default_rng(2)
+    p, n = 40, 5
+    correct = rng.random((p, n)) < 0.4
+    scores = rng.normal(size=(p, n))
+    answers = [[("ok" if c else f"w{j}") for j, c in enumerate(row)] for row in correct]
+    # exact expectation of best-of-k over all k-subsets, problem by problem
+    for k in (1, 2, 3):
+        exact = np.mean([np.mean([correct[i, list(s)][np.argmax(scores[i, list(s)])]
+                                  for s in itertools.combinations(range(n), k)]) for i in range(p)]) * 100
+        est, se = S.estimate_at_k("best", answers, scores, correct, [k], draws=2000, seed=0)[k]
+        assert abs(est - exact) < 1.5 and se > 0
+    assert S.estimate_at_k("best", answers, scores, correct, [n])[n][0] == pytest.approx(
+        correct[np.arange(p), scores.argmax(1)].mean() * 100)
+    # k = 1 of any rule is the mean accuracy
+    assert S.estimate_at_k("majority", answers, None, correct, [1], draws=3000)[1][0] == pytest.approx(
+        correct.mean() * 100, abs=1.0)
