@@ -12,8 +12,10 @@ from swiftjax.models.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer keys/values [B, S, Hkv, Dh], which slots hold real tokens [B, S],
-    the next slot to write (scalar) and each row's next position id [B]."""
+    """Per-layer keys/values [B, Hkv, S, Dh] (heads first: attention reads each head's slots
+    contiguously and a decode step writes one [B, Hkv, 1, Dh] slice in place, with no
+    transpose of the whole cache), which slots hold real tokens [B, S], the next slot to
+    write (scalar) and each row's next position id [B]."""
 
     k: tuple
     v: tuple
@@ -31,7 +33,7 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     return KVCache(
         k=zeros,
@@ -46,3 +48,13 @@ def write(buf, new, cursor):
     """Write new [B, T, ...] into buf [B, S, ...] at slot ``cursor``."""
     idx = (0, cursor) + (0,) * (buf.ndim - 2)
     return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), idx)
+
+
+def heads_first(x):
+    """[B, T, H, Dh] -> [B, H, T, Dh] (the cache's layout)."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def write_kv(buf, new, cursor):
+    """Write new keys or values [B, Hkv, T, Dh] into buf [B, Hkv, S, Dh] at slot ``cursor``."""
+    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, cursor, 0))

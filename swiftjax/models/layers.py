@@ -141,20 +141,22 @@ def apply_rope(x, cos, sin):
 
 # ---------------------------------------------------------------------------- attention
 def attend(q, k, v, allowed, dtype):
-    """Grouped-query attention. q [B,T,H,Dh], k/v [B,S,Hkv,Dh], allowed [B,T,S] bool.
+    """Grouped-query attention. q [B,T,H,Dh], k/v [B,Hkv,S,Dh] (heads first, the KV cache's
+    layout), allowed [B,T,S] bool. Query heads are grouped over their KV head (no repetition
+    of keys/values).
 
     Scores and softmax run in float32; rows with no allowed key get a uniform (finite)
     distribution instead of NaN (they are padding and never read).
     """
     b, t, h, dh = q.shape
-    hkv = k.shape[2]
+    hkv = k.shape[1]
     g = h // hkv
     qg = q.reshape(b, t, hkv, g, dh).astype(dtype)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(dtype),
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(dtype),
                         preferred_element_type=jnp.float32) / math.sqrt(dh)
     scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dtype))
     return out.reshape(b, t, h, dh)
 
 

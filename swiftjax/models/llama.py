@@ -35,9 +35,10 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, hkv, dh)
         cos, sin = tables
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = kv.heads_first(k), kv.heads_first(v)
         if layer_kv is not None:
-            k = kv.write(layer_kv[0], k, cursor)
-            v = kv.write(layer_kv[1], v, cursor)
+            k = kv.write_kv(layer_kv[0], k, cursor)
+            v = kv.write_kv(layer_kv[1], v, cursor)
         out = attend(q, k, v, allowed, self.dtype)
         return self.o_proj(out.reshape(b, t, h * dh)), (k, v)
 
