@@ -130,16 +130,25 @@ def cached_candidates(path, key: Mapping, make_rows: Callable[[], Iterable[Mappi
     return rows
 
 
+def _decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: expected UTF-8 text, got byte 0x{raw[e.start]:02x} at column {e.start + 1} "
+                         f"({e.reason})") from None
+
+
 def read_candidates(path) -> list[dict]:
     """Read and validate a candidate jsonl file (blank lines skipped). Raises ValueError
     naming the file, the 1-based line number and the offending field."""
     path = Path(path)
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:  # decoded line by line, so a bad byte is named by its line
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            line = _decode_line(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

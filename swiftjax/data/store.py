@@ -18,10 +18,14 @@ reader returns float32.
 
 Atomicity: :class:`FeatureStoreWriter` writes into ``<dir>.tmp-*`` beside the target and renames
 it into place after the manifest is written, so a store either exists whole or not at all; an
-exception inside the writer's ``with`` block removes the temporary directory. A writer killed
-outright (SIGKILL, power loss) cannot clean up; its directory records the host and pid that own
-it (``.owner``), and the next writer of the same store removes such leftovers once that process
-is gone. The reader refuses
+exception inside the writer's ``with`` block removes the temporary directory. Replacing a store
+renames the old one aside to ``<dir>.old-*``, renames the new one in, then removes the old one;
+a reader that finds the target missing reads a complete ``<dir>.old-*`` beside it, so the old
+store stays readable until the new one is in place. A writer killed outright (SIGKILL, power
+loss) cannot clean up; its temporary directory records the host and pid that own it
+(``.owner``), and the next writer of the same store removes the leftovers (see
+:func:`remove_stale`): temporary directories whose owner is gone or that have no owner, and
+``.old-*`` directories once a store is in place. The reader refuses
 (ValueError naming the problem) a directory without a manifest (half-written), a missing or
 truncated file, and, when ``verify`` (the default), any file whose sha256 differs.
 """
@@ -33,6 +37,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -47,6 +52,7 @@ __all__ = [
     "from_bf16_bits",
     "FeatureStoreWriter",
     "FeatureStore",
+    "remove_stale",
     "remove_stale_tmp",
 ]
 
@@ -69,21 +75,65 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_tmp(path) -> list[Path]:
+# a writer creates its temporary directory and then writes its owner: an owner-less directory
+# younger than this may be a live writer between the two steps
+OWNERLESS_GRACE_S = 60.0
+
+
+def _owner(d: Path) -> tuple[str, int] | None:
+    try:
+        host, pid = (d / _OWNER).read_text().split()
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_stale_tmp(d: Path, grace_s: float) -> bool:
+    owner = _owner(d)
+    if owner is None:
+        try:
+            return time.time() - d.stat().st_mtime > grace_s
+        except OSError:
+            return False
+    host, pid = owner
+    return host == socket.gethostname() and pid != os.getpid() and not _alive(pid)
+
+
+def remove_stale_tmp(path, *, grace_s: float = OWNERLESS_GRACE_S) -> list[Path]:
     """Remove the ``<path>.tmp-*`` directories left by writers of ``path`` that were killed
-    outright: those whose ``.owner`` names this host and a process that no longer exists.
-    Directories of live writers, of other hosts (a shared filesystem) and without a readable
-    owner are left alone. Returns the removed paths."""
+    outright: those whose ``.owner`` names this host and a process that no longer exists, and
+    those without a readable owner last modified more than ``grace_s`` seconds ago. Directories
+    of live writers and of other hosts (a shared filesystem) are left alone. Returns the removed
+    paths."""
     path = Path(path)
     removed = []
-    host = socket.gethostname()
-    for d in path.parent.glob(f"{path.name}.tmp-*"):
+    for d in sorted(path.parent.glob(f"{path.name}.tmp-*")):
+        if d.is_dir() and _is_stale_tmp(d, grace_s):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _old_dirs(path: Path) -> list[Path]:
+    """``<path>.old-*`` directories (previous stores being replaced), newest first."""
+    def mtime(d: Path) -> float:
         try:
-            owner_host, pid = (d / _OWNER).read_text().split()
-            pid = int(pid)
-        except (OSError, ValueError):
-            continue
-        if owner_host == host and pid != os.getpid() and not _alive(pid):
+            return d.stat().st_mtime
+        except OSError:
+            return 0.0
+    return sorted((d for d in path.parent.glob(f"{path.name}.old-*") if d.is_dir()), key=mtime, reverse=True)
+
+
+def remove_stale(path, *, grace_s: float = OWNERLESS_GRACE_S) -> list[Path]:
+    """What a writer of ``path`` cleans before writing: stale ``<path>.tmp-*`` directories
+    (:func:`remove_stale_tmp`) and, when a store is in place at ``path``, every
+    ``<path>.old-*`` (left by a replacement killed before it removed the old store). With
+    ``path`` missing an ``.old-*`` is the last complete store, which readers fall back to: it
+    is kept until a new store is in place. Returns the removed paths."""
+    path = Path(path)
+    removed = remove_stale_tmp(path, grace_s=grace_s)
+    if path.is_dir():
+        for d in _old_dirs(path):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
@@ -189,7 +239,7 @@ class FeatureStoreWriter:
         self.shard_rows, self.shard_bytes = int(shard_rows), int(shard_bytes)
         self.overwrite = bool(overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(self.path)
+        remove_stale(self.path)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.path.name}.tmp-", dir=self.path.parent))
         (self.tmp / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         self._buf: list[np.ndarray] = []
@@ -345,6 +395,9 @@ class FeatureStoreWriter:
         return self.path
 
     def _install(self) -> None:
+        """Rename the old store aside (readers fall back to it), the new one in, then remove
+        the old one. The temporary directory keeps its owner until it is the store, so a kill
+        at any point leaves only leftovers the next writer recognises."""
         old = None
         if self.path.exists():
             if not self.overwrite:
@@ -352,15 +405,16 @@ class FeatureStoreWriter:
             old = Path(tempfile.mkdtemp(prefix=f"{self.path.name}.old-", dir=self.path.parent))
             os.rmdir(old)
             os.rename(self.path, old)
-        (self.tmp / _OWNER).unlink(missing_ok=True)  # the store itself carries no owner
         try:
             os.rename(self.tmp, self.path)
         except BaseException:
             if old is not None:  # put the previous store back
                 os.rename(old, self.path)
             raise
+        (self.path / _OWNER).unlink(missing_ok=True)  # the store itself carries no owner
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        remove_stale(self.path)  # .old-* of earlier replacements killed before their cleanup
 
     def abort(self) -> None:
         """Discard everything written so far (the temporary directory)."""
@@ -383,12 +437,25 @@ class FeatureStoreWriter:
 # ----------------------------------------------------------------------------- reader
 
 
+def _readable_dir(path: Path) -> Path:
+    """``path``, or while it is missing (a replacement between its two renames, or killed
+    there) the newest complete ``<path>.old-*`` beside it."""
+    for _ in range(3):  # the installer may finish (and remove the old store) while we look
+        if path.is_dir():
+            return path
+        for d in _old_dirs(path):
+            if (d / MANIFEST).is_file():
+                return d
+    raise ValueError(f"feature store: expected a directory at {path}, found none")
+
+
 class FeatureStore:
     """Read a feature store (memory-mapped shards).
 
     Opening checks the manifest, every file's presence, byte size and header, the offsets'
     consistency, and (``verify=True``) every file's sha256; any failure raises ValueError
-    naming the store and the problem.
+    naming the store and the problem. While ``path`` is missing but a complete ``<path>.old-*``
+    (the store being replaced) lies beside it, that one is read (``.path`` names it).
 
     Attributes: ``feature_dim`` (F), ``spec``, ``meta`` (dicts from the writer), ``labels`` [N]
     float32, ``group_ids`` [N] int64, ``lengths`` [N] int64 (response tokens per row),
@@ -396,9 +463,16 @@ class FeatureStore:
     """
 
     def __init__(self, path, *, verify: bool = True):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise ValueError(f"feature store: expected a directory at {self.path}, found none")
+        self.path = path = Path(path)
+        try:
+            self._open(_readable_dir(path), verify)
+        except ValueError:
+            if self.path == path or not path.is_dir():
+                raise
+            self._open(path, verify)  # the replacement finished (old store removed) while we read
+
+    def _open(self, path: Path, verify: bool) -> None:
+        self.path = path
         mpath = self.path / MANIFEST
         if not mpath.is_file():
             raise ValueError(

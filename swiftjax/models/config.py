@@ -8,6 +8,33 @@ from typing import Any, Mapping
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# keys a config.json must hold (positive ints), per family
+REQUIRED_KEYS = {
+    "gpt2": ("vocab_size", "n_embd", "n_head", "n_layer"),
+    "default": ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"),
+}
+# keys that, when present and not null, must be positive ints
+OPTIONAL_INT_KEYS = ("head_dim", "num_key_value_heads", "max_position_embeddings", "n_inner", "n_positions")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def check_hf_dict(d: Mapping[str, Any], where: str = "config.json") -> None:
+    """One-line ValueError naming ``where`` unless ``d`` holds every key its model family
+    needs, as a positive int, with the head count dividing the width."""
+    mt = d.get("model_type")
+    required = REQUIRED_KEYS["gpt2" if mt == "gpt2" else "default"]
+    missing = [k for k in required if k not in d or d[k] is None]
+    if missing:
+        raise ValueError(f"{where}: expected keys {missing} for model_type {mt!r}, found none")
+    for k in required + tuple(k for k in OPTIONAL_INT_KEYS if d.get(k) is not None):
+        if not _positive_int(d[k]):
+            raise ValueError(f"{where}: expected {k!r} to be a positive integer, got {d[k]!r}")
+    width, heads = ("n_embd", "n_head") if mt == "gpt2" else ("hidden_size", "num_attention_heads")
+    if not d.get("head_dim") and d[width] % d[heads]:
+        raise ValueError(f"{where}: expected {width!r} ({d[width]}) divisible by {heads!r} ({d[heads]})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +85,15 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF conversion
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any], where: str = "config.json") -> "ModelConfig":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {mt!r}: expected one of {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        check_hf_dict(d, where)
         eos = d.get("eos_token_id")
         eos_t = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         if mt == "gpt2":
@@ -145,7 +175,11 @@ class ModelConfig:
         f = p / "config.json" if p.is_dir() else p
         if not f.is_file():
             raise ValueError(f"expected a config.json at {f}, found none")
-        return cls.from_hf_dict(json.loads(f.read_text()))
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{f}: expected a JSON object, got unreadable content ({e})") from None
+        return cls.from_hf_dict(d, str(f))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF ``config.json`` dict that transformers loads into the matching model."""

@@ -2,6 +2,10 @@
 
 Module attribute names mirror transformers', so a parameter's NNX path joined by dots is
 its safetensors key; loading is a checked copy (names, shapes) into an abstract model.
+
+Order of checks: the safetensors headers (names, shapes; a sharded checkpoint's
+``model.safetensors.index.json`` weight_map says which shard holds each tensor, and a tensor
+in two shards is an error) are compared with the model before any tensor data is read.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from swiftjax.models.config import ModelConfig
@@ -23,6 +27,8 @@ from swiftjax.models.registry import abstract_model
 
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 
 
 def _key(path) -> str:
@@ -34,17 +40,68 @@ def param_keys(model) -> dict[str, tuple]:
     return {_key(p): (tuple(v.shape), v.dtype) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    single = path / "model.safetensors"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / f for f in sorted(set(weight_map.values()))]
-    if single.is_file():
-        return [single]
-    raise ValueError(
-        f"{path}: expected model.safetensors or model.safetensors.index.json, found neither"
-    )
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name -> shard file name), validated."""
+    try:
+        d = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{index}: expected a JSON object with a 'weight_map', got unreadable content ({e})") from None
+    wm = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise ValueError(f"{index}: expected a non-empty 'weight_map' object (tensor name -> shard file), "
+                         f"got {type(wm).__name__ if wm is not None else 'none'}")
+    for k, v in wm.items():
+        if not isinstance(v, str) or Path(v).name != v or not v:
+            raise ValueError(f"{index}: weight_map[{k!r}]: expected a shard file name in this directory, got {v!r}")
+    return wm
+
+
+def _header(f: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """tensor name -> (shape, dtype) from a safetensors header (no tensor data is read)."""
+    if not f.is_file():
+        raise ValueError(f"{f}: expected a safetensors file, found none")
+    try:
+        with safe_open(str(f), framework="numpy") as fh:
+            out = {}
+            for k in fh.keys():
+                sl = fh.get_slice(k)
+                out[k] = (tuple(int(n) for n in sl.get_shape()), str(sl.get_dtype()))
+            return out
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{f}: expected a complete safetensors file, got a truncated or unreadable one ({e})") from None
+
+
+def checkpoint_layout(path: str | Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """tensor name (as stored) -> (file, shape, dtype) of a checkpoint, from headers only.
+
+    Sharded: only the shards the index's weight_map names are read, each tensor must be in
+    the shard the weight_map says and in no other, and every tensor of those shards must be
+    listed. Otherwise ``model.safetensors``.
+    """
+    path = Path(path)
+    index, single = path / INDEX, path / SINGLE
+    if not index.is_file():
+        if single.is_file():
+            return {k: (single, shape, dt) for k, (shape, dt) in _header(single).items()}
+        raise ValueError(f"{path}: expected {SINGLE} or {INDEX}, found neither")
+    wm = _read_weight_map(index)
+    layout: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+    for name in sorted(set(wm.values())):
+        f = path / name
+        for k, (shape, dt) in _header(f).items():
+            if k in layout:
+                raise ValueError(f"{index}: tensor {k!r} is in two shards, {layout[k][0].name} and {name} "
+                                 "(expected each tensor in exactly one)")
+            layout[k] = (f, shape, dt)
+    for k, name in wm.items():
+        if k not in layout or layout[k][0].name != name:
+            where = f"it is in {layout[k][0].name}" if k in layout else "no listed shard holds it"
+            raise ValueError(f"{index}: weight_map puts tensor {k!r} in {name}, but {where}")
+    unlisted = sorted(set(layout) - set(wm))
+    if unlisted:
+        raise ValueError(f"{index}: expected every tensor of the shards in the weight_map, "
+                         f"{len(unlisted)} are not (e.g. {unlisted[:3]})")
+    return layout
 
 
 def _normalise_key(key: str, cfg: ModelConfig) -> str:
@@ -54,14 +111,38 @@ def _normalise_key(key: str, cfg: ModelConfig) -> str:
     return key
 
 
+def _normalised_layout(path: Path, cfg: ModelConfig) -> dict[str, tuple[str, Path, tuple[int, ...]]]:
+    """normalised key -> (stored name, file, shape); two stored names for one key are an error."""
+    out: dict[str, tuple[str, Path, tuple[int, ...]]] = {}
+    for raw, (f, shape, _) in checkpoint_layout(path).items():
+        key = _normalise_key(raw, cfg)
+        if key in out:
+            raise ValueError(f"{path}: tensors {out[key][0]!r} and {raw!r} are the same weight {key!r} "
+                             "(expected it once)")
+        out[key] = (raw, f, shape)
+    return out
+
+
+def _read_tensors(wanted: dict[str, tuple[str, Path]]) -> dict[str, np.ndarray]:
+    """key -> array for {key: (stored name, file)}, opening each file once."""
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for key, (raw, f) in wanted.items():
+        by_file.setdefault(f, []).append((key, raw))
+    out: dict[str, np.ndarray] = {}
+    for f, items in by_file.items():
+        try:
+            with safe_open(str(f), framework="numpy") as fh:
+                for key, raw in items:
+                    out[key] = fh.get_tensor(raw)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f}: expected a complete safetensors file, got a truncated or unreadable one ({e})") from None
+    return out
+
+
 def read_safetensors(path: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """All tensors of a (possibly sharded) checkpoint as numpy arrays, keys normalised."""
-    out: dict[str, np.ndarray] = {}
-    for f in _safetensors_files(Path(path)):
-        with safe_open(str(f), framework="numpy") as fh:
-            for k in fh.keys():
-                out[_normalise_key(k, cfg)] = fh.get_tensor(k)
-    return out
+    layout = _normalised_layout(Path(path), cfg)
+    return _read_tensors({k: (raw, f) for k, (raw, f, _) in layout.items()})
 
 
 def load_model(path: str | Path, dtype=jnp.float32, compute_dtype=None, sharding=None):
@@ -70,7 +151,8 @@ def load_model(path: str | Path, dtype=jnp.float32, compute_dtype=None, sharding
     ``dtype`` is the parameter dtype; ``compute_dtype`` (default: ``dtype``) the matmul
     dtype (norms and softmax always accumulate in float32). ``sharding``, if given, is a
     callable ``key -> jax.sharding.Sharding`` used to place each parameter.
-    Returns ``(model, config)``. Missing or unexpected weight names raise ValueError.
+    Returns ``(model, config)``. Missing or unexpected weight names and wrong shapes raise
+    ValueError, found from the safetensors headers before any tensor data is read.
     """
     path = Path(path)
     if not path.is_dir():
@@ -78,25 +160,27 @@ def load_model(path: str | Path, dtype=jnp.float32, compute_dtype=None, sharding
     dtype = jnp.float32 if dtype is None else dtype
     cfg = ModelConfig.from_pretrained(path)
     model = abstract_model(cfg, dtype=compute_dtype or dtype, param_dtype=dtype)
-    tensors = read_safetensors(path, cfg)
+    layout = _normalised_layout(path, cfg)
     expected = param_keys(model)
-    ignored = {k for k in tensors if k.endswith(_IGNORED_SUFFIXES)}
+    ignored = {k for k in layout if k.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
         ignored.add("lm_head.weight")
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected) - ignored)
+    missing = sorted(set(expected) - set(layout))
+    extra = sorted(set(layout) - set(expected) - ignored)
     if missing or extra:
         raise ValueError(
             f"{path}: checkpoint does not match {cfg.model_type} config; "
             f"missing weights: {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
             f"unexpected weights: {extra[:20]}{' ...' if len(extra) > 20 else ''}"
         )
-    pure = {}
     for key, (shape, _) in expected.items():
-        arr = tensors[key]
-        if tuple(arr.shape) != shape:
-            raise ValueError(f"{path}: weight {key}: expected shape {shape}, got {tuple(arr.shape)}")
-        val = jnp.asarray(arr, dtype=dtype)
+        raw, f, got = layout[key]
+        if got != shape:
+            raise ValueError(f"{f}: weight {raw}: expected shape {shape}, got {got}")
+    tensors = _read_tensors({k: layout[k][:2] for k in expected})
+    pure = {}
+    for key in expected:
+        val = jnp.asarray(tensors.pop(key), dtype=dtype)
         if sharding is not None:
             val = jax.device_put(val, sharding(key))
         pure[key] = val

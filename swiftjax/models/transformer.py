@@ -50,6 +50,20 @@ class CausalLMOutput:
     cache: kv.KVCache | None = None
 
 
+def _is_concrete(*xs) -> bool:
+    """True when no array is a jit tracer (an eager call), so values can be read on the host."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def check_ids_concrete(input_ids, attention_mask, vocab_size: int) -> None:
+    """Eager calls only: token ids at nonzero-mask positions must lie in [0, vocab_size)
+    (an id >= V embeds NaN, -1 silently reads the last row). Skipped under tracing."""
+    if _is_concrete(input_ids, attention_mask):
+        from swiftjax.sampling import check_ids_in_vocab
+
+        check_ids_in_vocab(input_ids, attention_mask, int(vocab_size), "input_ids")
+
+
 def positions_from_mask(mask, start=None):
     """Position ids: cumsum(mask) - 1 (clipped at 0), offset by ``start`` [B] if given."""
     pos = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
@@ -107,6 +121,7 @@ class DecoderLM(nnx.Module):
         else:
             check_rank(attention_mask, "attention_mask", 2, "[B, T]")
             check_same_shape(input_ids, attention_mask, "input_ids", "attention_mask")
+        check_ids_concrete(input_ids, attention_mask, cfg.vocab_size)
         t = input_ids.shape[1]
         if cache is not None:
             if cache.batch != input_ids.shape[0]:
@@ -150,7 +165,8 @@ class DecoderLM(nnx.Module):
                 else:
                     self.sow(HiddenState, f"state_{i:03d}", x)
 
-        h = self.embed(input_ids, positions)
+        # padding ids are never read: an out-of-range one would embed NaN that leaks through attention
+        h = self.embed(jnp.where(attention_mask != 0, input_ids, 0), positions)
         emit(0, h)
         new_k, new_v = [], []
         for i, block in enumerate(self.blocks()):

@@ -5,15 +5,24 @@ A checkpoint is two items: ``state`` (any pytree of arrays, saved with ``Standar
 ``<step>.orbax-checkpoint-tmp-*`` folder and renames it when complete, so a run killed while
 saving leaves at worst a temporary folder, which is never loaded.
 
-:meth:`Checkpointer.restore` walks the steps newest first; a step that fails to load
-(truncated or missing files, bad JSON) is reported with a warning, moved aside to
-``<directory>/_corrupt/`` (so a resumed run can save that step number again) and the previous
-step is tried.
+Checksums. Once orbax has finished a step, the writer adds ``<step>/swiftjax_checksums.json``
+(:data:`MANIFEST`) LAST: the sha256 and size of every other file of the step folder. A step
+without it (killed before it was sealed) or whose files no longer match it (flipped bytes keep
+the size) is not a good step.
+
+:meth:`Checkpointer.restore` walks the steps newest first; a step that fails its checksums or
+fails to load (truncated or missing files, bad JSON) is reported with a warning and skipped,
+and the previous step is tried. Reading never moves or deletes anything: the writer owns the
+directory, and :meth:`Checkpointer.save` moves a bad step it is about to save again aside to
+``<directory>/_corrupt/``.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,6 +39,8 @@ from swiftjax.train.metrics import to_python
 
 TMP_MARKER = "orbax-checkpoint-tmp"
 CORRUPT_DIR = "_corrupt"
+MANIFEST = "swiftjax_checksums.json"
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,71 @@ def abstract_like(target: Any) -> Any:
     return jax.tree.map(one, target)
 
 
+# ----------------------------------------------------------------------------- checksums
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step_files(step_dir: Path) -> list[str]:
+    """Relative paths (posix) of every file of a step folder but the manifest, sorted."""
+    return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and not p.name.startswith(MANIFEST + "."))
+
+
+def step_checksums(step_dir: Path) -> dict[str, dict]:
+    """{relative path: {"sha256", "size"}} of every file of a step folder but the manifest."""
+    return {rel: {"sha256": file_sha256(step_dir / rel), "size": (step_dir / rel).stat().st_size}
+            for rel in step_files(step_dir)}
+
+
+def write_manifest(step_dir: Path) -> Path:
+    """Write ``<step_dir>/MANIFEST`` (atomically: temp file, fsync, rename) and return its path."""
+    out = step_dir / MANIFEST
+    tmp = step_dir / f"{MANIFEST}.tmp-{os.getpid()}"
+    body = json.dumps({"format": 1, "files": step_checksums(step_dir)}, indent=1, sort_keys=True)
+    with open(tmp, "w") as fh:
+        fh.write(body)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    return out
+
+
+def verify_manifest(step_dir: Path) -> None:
+    """Raise ValueError (one line naming the file) unless every file of the step folder matches
+    its ``MANIFEST`` entry, with no file missing or extra."""
+    path = step_dir / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{path}: expected a checksum manifest (the step was never sealed), found none")
+    try:
+        files = json.loads(path.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError(type(files).__name__)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: expected a JSON object with a 'files' map, got unreadable content ({e})") from None
+    on_disk = step_files(step_dir)
+    if sorted(files) != on_disk:
+        missing, extra = sorted(set(files) - set(on_disk)), sorted(set(on_disk) - set(files))
+        raise ValueError(f"{path}: expected exactly the listed files, missing {missing[:3]}, extra {extra[:3]}")
+    for rel in on_disk:
+        want, f = files[rel], step_dir / rel
+        if not isinstance(want, dict) or f.stat().st_size != want.get("size") or file_sha256(f) != want.get("sha256"):
+            raise ValueError(f"{f}: checksum mismatch against {MANIFEST} (the file changed after it was saved)")
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 class Checkpointer:
     """Keeps the last ``max_to_keep`` checkpoints of a run under ``directory``.
 
@@ -80,6 +156,8 @@ class Checkpointer:
         self.directory = Path(directory).expanduser().absolute()
         self.max_to_keep = max_to_keep
         self._warned: set[Path] = set()
+        self._sealer: threading.Thread | None = None
+        self._seal_error: tuple[int, Exception] | None = None
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -99,18 +177,73 @@ class Checkpointer:
         """
         if not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"step: expected an integer >= 0, got {step!r}")
+        step = int(step)
         meta = to_python(dict(meta or {}))
-        return bool(
+        self._join_sealer()
+        self._set_aside_bad_step(step)
+        started = bool(
             self._mgr.save(
-                int(step),
+                step,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
                 ),
                 force=force,
             )
         )
+        if started:
+            if self._options.enable_async_checkpointing:
+                self._sealer = threading.Thread(target=self._seal, args=(step,), name=f"ckpt-seal-{step}")
+                self._sealer.start()
+            else:
+                self._seal(step)
+                self._raise_seal_error()
+        return started
+
+    def _seal(self, step: int) -> None:
+        """Wait for orbax to finish ``step``, then write its checksum manifest (main process)."""
+        try:
+            self._mgr.wait_until_finished()
+            step_dir = self.directory / str(step)
+            if is_main_process() and step_dir.is_dir():  # gone: already removed by max_to_keep
+                write_manifest(step_dir)
+        except Exception as e:  # reported by the next save / wait_until_finished
+            self._seal_error = (step, e)
+
+    def _join_sealer(self) -> None:
+        if self._sealer is not None:
+            self._sealer.join()
+            self._sealer = None
+        self._raise_seal_error()
+
+    def _raise_seal_error(self) -> None:
+        if self._seal_error is not None:
+            step, e = self._seal_error
+            self._seal_error = None
+            raise RuntimeError(f"checkpoint step {step} in {self.directory}: saving failed "
+                               f"({type(e).__name__}: {str(e)[:200]})") from e
+
+    def _set_aside_bad_step(self, step: int) -> None:
+        """The writer saves ``step`` again: an existing folder of that step that fails its
+        checksums (a restore skipped it) is moved to ``_corrupt/``; a good one is left for
+        orbax to refuse."""
+        src = self.directory / str(step)
+        if not src.is_dir():
+            return
+        try:
+            verify_manifest(src)
+            return
+        except ValueError:
+            pass
+        if is_main_process():
+            dst_root = self.directory / CORRUPT_DIR
+            dst_root.mkdir(exist_ok=True)
+            shutil.move(str(src), str(dst_root / f"{step}-{time.time_ns()}"))
+        _sync_processes(f"swiftjax-ckpt-set-aside-{step}")
+        self._mgr.reload()
 
     def wait_until_finished(self) -> None:
+        """Block until the last save is written and sealed with its checksum manifest."""
+        self._join_sealer()
         self._mgr.wait_until_finished()
 
     # --------------------------------------------------------------- inspect
@@ -134,11 +267,13 @@ class Checkpointer:
         """Load the newest readable checkpoint into the structure/shardings of ``target``.
 
         ``target`` is a pytree like the saved state (concrete arrays or ``ShapeDtypeStruct``).
-        With ``step`` only that step is tried and its errors propagate. Without it, unreadable
-        steps are skipped (warning, moved to ``_corrupt/``) and ``None`` is returned when no
-        step can be read.
+        With ``step`` only that step is tried and its errors propagate (a checksum mismatch or
+        a missing manifest is a ValueError). Without it, steps that fail their checksums or
+        cannot be read are skipped with a warning (left in place: reading moves nothing) and
+        ``None`` is returned when no step is good.
         """
         abstract = abstract_like(target)
+        self._join_sealer()  # a save of this process still being sealed
         for tmp in self.partial_dirs():
             if tmp in self._warned:
                 continue
@@ -151,17 +286,17 @@ class Checkpointer:
         for s in reversed(self.all_steps()):
             try:
                 return self._restore_step(s, abstract)
-            except Exception as e:  # corrupt or partial: fall back to the previous step
+            except Exception as e:  # corrupt, unsealed or partial: fall back to the previous step
                 warnings.warn(
                     f"checkpoint step {s} in {self.directory} is unreadable and was skipped "
-                    f"({type(e).__name__}: {str(e)[:200]})",
+                    f"({type(e).__name__}: {str(e)[:300]})",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                self._quarantine(s)
         return None
 
     def _restore_step(self, step: int, abstract: Any) -> Restored:
+        verify_manifest(self.directory / str(step))
         out = self._mgr.restore(
             step,
             args=ocp.args.Composite(
@@ -176,21 +311,11 @@ class Checkpointer:
             raise ValueError("state: restored tree structure differs from the target's")
         return Restored(state=state, meta=meta, step=step)
 
-    def _quarantine(self, step: int) -> None:
-        """Move an unreadable step folder out of the way so its step number can be saved again."""
-        if not is_main_process():
-            return
-        src = self.directory / str(step)
-        if src.exists():
-            dst_root = self.directory / CORRUPT_DIR
-            dst_root.mkdir(exist_ok=True)
-            dst = dst_root / f"{step}-{time.time_ns()}"
-            shutil.move(str(src), str(dst))
-        self._mgr.reload()
-
     def close(self) -> None:
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        try:
+            self.wait_until_finished()
+        finally:
+            self._mgr.close()
 
     def __enter__(self):
         return self

@@ -131,6 +131,22 @@ def test_read_rejects_bad_json_and_extra_fields(tmp_path):
         cs.read_candidates(path)
 
 
+def test_read_names_the_line_of_a_non_utf8_byte(tmp_path):
+    rows = make_rows(p=1, n=3)
+    lines = [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in rows]
+    lines[1] = lines[1].replace(b'"text": "', b'"text": "caf\xe9 ', 1)  # latin-1 e-acute
+    assert b"\xe9" in lines[1]
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    col = lines[1].index(b"\xe9") + 1
+    with pytest.raises(ValueError, match=rf"c\.jsonl:2: expected UTF-8 text, got byte 0xe9 at column {col} "):
+        cs.read_candidates(path)
+    # real UTF-8 (and CRLF line ends) still read
+    rows[1]["text"] = "caf\u00e9 \u2713"
+    path.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\r\n" for r in rows))
+    assert cs.read_candidates(path) == rows
+
+
 def test_group_orders_by_index_and_matches_reference():
     rows = make_rows(p=4, n=5, seed=3)
     shuffled = rows[:]

@@ -194,17 +194,73 @@ def test_writer_killed_outright_is_cleaned_by_the_next_writer(tmp_path):
     left = _leftovers(tmp_path)
     assert len(left) == 1 and not target.exists()  # SIGKILL: no chance to clean up
     assert any((tmp_path / left[0]).glob("shard_*.npy"))
-    # a live writer's directory and one without an owner are not touched
+    # a live writer's directory and a fresh one without an owner (a writer between creating
+    # it and writing its owner) are not touched; an old owner-less one is removed
     live = tmp_path / "st.tmp-live"
     live.mkdir()
     (live / ".owner").write_text(f"{os.uname().nodename} {os.getpid()}\n")
     unknown = tmp_path / "st.tmp-unknown"
     unknown.mkdir()
+    ownerless = tmp_path / "st.tmp-ownerless"
+    (ownerless / "junk").mkdir(parents=True)
+    os.utime(ownerless, (0, 0))
     rows = _rows()
     _write(target, rows)
     assert _leftovers(tmp_path) == ["st.tmp-live", "st.tmp-unknown"]
     assert len(FeatureStore(target)) == len(rows)
     assert not (target / ".owner").exists()  # the installed store carries no owner file
+
+
+_KILLED_INSTALL = """
+import os, shutil, signal, sys
+import numpy as np
+from swiftjax.data import store
+where = sys.argv[2]
+rename, rmtree = os.rename, shutil.rmtree
+def kill_at(kind, path):
+    if where == kind and (".tmp-" if kind == "rename_in" else ".old-") in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.rename = lambda a, b: (kill_at("rename_in", a), rename(a, b))[1]
+shutil.rmtree = lambda p, **kw: (kill_at("remove_old", p), rmtree(p, **kw))[1]
+with store.FeatureStoreWriter(sys.argv[1], 6, overwrite=True) as w:
+    w.add([np.ones((2, 6), np.float32)] * 3, [1, 0, 1], [0, 0, 1])
+"""
+
+
+@pytest.mark.parametrize("where", ["rename_in", "remove_old"])
+def test_killed_replacement_keeps_a_readable_store_and_the_next_writer_cleans_up(tmp_path, where):
+    import subprocess
+    import sys
+
+    target = tmp_path / "st"
+    rows = _rows()
+    _write(target, rows)  # the old store: 5 rows
+    proc = subprocess.run([sys.executable, "-c", _KILLED_INSTALL, str(target), where], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    left = _leftovers(tmp_path)
+    if where == "rename_in":  # old store renamed aside, new one not yet in: readers get the old one
+        assert not target.exists() and [n.split("-")[0] for n in left] == ["st.old", "st.tmp"]
+        st = FeatureStore(target)
+        assert len(st) == len(rows) and st.path.name.startswith("st.old-")
+        np.testing.assert_array_equal(st.row(2), from_bf16_bits(to_bf16_bits(rows[2])))
+    else:  # new store in place, old one not yet removed
+        assert [n.split("-")[0] for n in left] == ["st.old"]
+        assert len(FeatureStore(target)) == 3
+    _write(target, rows[:4], overwrite=True)  # the next writer
+    assert _leftovers(tmp_path) == []
+    assert len(FeatureStore(target)) == 4
+
+
+def test_reader_prefers_the_target_over_an_old_store(tmp_path):
+    rows = _rows()
+    _write(tmp_path / "st", rows)
+    _write(tmp_path / "other", rows[:2])
+    (tmp_path / "other").rename(tmp_path / "st.old-x")  # a leftover beside a store in place
+    assert len(FeatureStore(tmp_path / "st")) == len(rows)
+    (tmp_path / "st.old-x" / MANIFEST).unlink()  # an incomplete old store is never read
+    (tmp_path / "st").rename(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="expected a directory"):
+        FeatureStore(tmp_path / "st")
 
 
 def test_existing_path_needs_overwrite(tmp_path):

@@ -149,6 +149,27 @@ def test_bad_inputs_raise_clear_errors(pair, tmp_path):
         model(jnp.ones((1, 3), jnp.int32), taps=Taps(layers=(cfg.num_layers + 1,)))
 
 
+def test_out_of_vocab_ids_raise_when_eager(pair):
+    _, _, model, cfg, _ = pair
+    v = cfg.vocab_size
+    ids, mask = _batch(pads=(0, 3, 6))
+    for bad in (v, v + 5, -1):
+        big = ids.copy()
+        big[1, 5] = bad
+        with pytest.raises(ValueError, match=rf"input_ids: expected token ids in \[0, {v}\), got {bad} at \[1, 5\]"):
+            model(jnp.asarray(big), jnp.asarray(mask))
+        with pytest.raises(ValueError, match="expected token ids"):
+            model(big, mask)  # numpy inputs too
+    padded = ids.copy()
+    padded[2, 0] = v  # under attention_mask 0: never read, allowed
+    out = model(jnp.asarray(padded), jnp.asarray(mask))
+    assert np.isfinite(np.asarray(out.logits)[mask.astype(bool)]).all()
+    # under jit the ids are tracers: no host check, no error
+    graphdef, state = nnx.split(model)
+    traced = jax.jit(lambda st, i, m: nnx.merge(graphdef, st)(i, m).logits)(state, jnp.asarray(ids), jnp.asarray(mask))
+    assert traced.shape == (3, 11, v)
+
+
 def test_missing_and_extra_weights_are_named(tmp_path):
     from safetensors.numpy import load_file, save_file
     hf = tiny_hf_model("llama")

@@ -1,5 +1,6 @@
 """Checkpoints and resume: a SIGKILLed run resumes to the same params as an uninterrupted one;
-corrupted and partial checkpoints are skipped with a warning, never loaded."""
+corrupted (checksum mismatch), unsealed and partial checkpoints are skipped with a warning,
+never loaded, and never moved by a read."""
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import _demo_run as demo_run
-from swiftjax.train.ckpt import CORRUPT_DIR, Checkpointer
+from swiftjax.train.ckpt import CORRUPT_DIR, MANIFEST, Checkpointer
 from swiftjax.train.metrics import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,13 +137,67 @@ def test_resume_checkpointer_skips_deleted_file_and_partial_dir(tmp_path):
     assert r.step == 2 and r.meta == {"tag": "s2"}
     np.testing.assert_array_equal(np.asarray(r.state["w"]), np.full((3, 2), 2.0))
     np.testing.assert_array_equal(np.asarray(r.state["nested"]["b"]), np.arange(4.0) * 2)
-    # the bad step was moved aside, so the step number can be saved again
-    assert ck.all_steps() == [1, 2]
+    # reading moved nothing; the writer sets the bad step aside when it saves that step again
+    assert ck.all_steps() == [1, 2, 3] and not (tmp_path / "ck" / CORRUPT_DIR).exists()
     assert ck.save(3, _state(3.5), {"tag": "again"})
     ck.wait_until_finished()
+    assert [p.name.split("-")[0] for p in (tmp_path / "ck" / CORRUPT_DIR).iterdir()] == ["3"]
     r = ck.restore(_state(0.0))
     assert r.step == 3 and r.meta == {"tag": "again"}
     np.testing.assert_array_equal(np.asarray(r.state["w"]), np.full((3, 2), 3.5))
+    ck.close()
+
+
+def _tree_files(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _flip_a_state_data_file(step_dir: Path) -> Path:
+    """Flip one byte of a per-process ocdbt data file (orbax itself restores such a step)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "ocdbt.process_" in str(p)]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    return victim
+
+
+@pytest.mark.parametrize("damage", ["meta_value", "state_bytes", "no_manifest"])
+def test_resume_checkpointer_skips_size_preserving_corruption(tmp_path, damage):
+    ck = Checkpointer(tmp_path / "ck", max_to_keep=5)
+    for s in (1, 2, 3):
+        ck.save(s, _state(float(s)), {"tag": f"s{s}"})
+    ck.wait_until_finished()
+    step3 = tmp_path / "ck" / "3"
+    assert (step3 / MANIFEST).is_file()
+    if damage == "meta_value":  # still valid JSON of the same size: orbax alone loads it
+        meta = step3 / "meta" / "metadata"
+        text = meta.read_text()
+        assert '"s3"' in text
+        meta.write_text(text.replace('"s3"', '"s9"'))
+    elif damage == "state_bytes":
+        size = _flip_a_state_data_file(step3).stat().st_size
+        assert size > 0
+    else:  # killed after orbax finished the step, before it was sealed
+        (step3 / MANIFEST).unlink()
+    before = _tree_files(tmp_path / "ck")
+    with pytest.warns(RuntimeWarning, match=r"step 3 .*skipped") as rec:
+        r = ck.restore(_state(0.0))
+    assert r.step == 2 and r.meta == {"tag": "s2"}
+    np.testing.assert_array_equal(np.asarray(r.state["w"]), np.full((3, 2), 2.0))
+    want = "manifest" if damage == "no_manifest" else "checksum mismatch"
+    assert any(want in str(w.message) for w in rec), [str(w.message) for w in rec]
+    assert _tree_files(tmp_path / "ck") == before  # reading moved / deleted / wrote nothing
+    with pytest.raises(ValueError, match=want):
+        ck.restore(_state(0.0), step=3)
+    ck.close()
+
+
+def test_resume_checkpointer_sync_saves_are_sealed(tmp_path):
+    ck = Checkpointer(tmp_path / "ck", async_save=False)
+    ck.save(7, _state(7.0), {"tag": "s7"})
+    assert (tmp_path / "ck" / "7" / MANIFEST).is_file()
+    assert ck.restore(_state(0.0)).step == 7
     ck.close()
 
 

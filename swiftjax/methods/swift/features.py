@@ -1,6 +1,6 @@
 """SWIFT token features read from a model's forward, and the fused head that never builds them.
 
-What a forward yields for SWIFT (spec: shared/specs/swift.md, "Features"):
+What a forward yields for SWIFT (spec: docs/swift.md, "Features"):
 
 * :class:`FeatureSpec` says which features: the residual states of a subset of the L+1 hidden
   states (Hugging Face convention: 0 = embedding output, i < L after block i, L = after the final
@@ -39,7 +39,7 @@ from flax import nnx
 
 from swiftjax.methods.swift import head as swift
 from swiftjax._checks import check_int, check_rank, check_same_shape
-from swiftjax.sampling import LMDecoder, SamplingConfig, run_sampler
+from swiftjax.sampling import LMDecoder, SamplingConfig, check_ids_in_vocab, run_sampler
 from swiftjax.models.config import ModelConfig
 from swiftjax.models.transformer import HiddenState, LayerProjection, Taps
 
@@ -201,8 +201,9 @@ def _model_cfg(model) -> ModelConfig:
     return cfg
 
 
-def _check_batch(ids, attention_mask, response_mask):
-    """Validate ids / masks [B, T] and return them as numpy (int32, int32, float32)."""
+def _check_batch(ids, attention_mask, response_mask, vocab_size: int):
+    """Validate ids / masks [B, T] (ids in [0, vocab_size) where attention_mask is 1) and
+    return them as numpy (int32, int32, float32)."""
     ids = np.asarray(ids)
     check_rank(ids, "ids", 2, "[B, T]")
     check_int(ids, "ids")
@@ -218,6 +219,7 @@ def _check_batch(ids, attention_mask, response_mask):
     if np.any((resp > 0) & (attn == 0)):
         raise ValueError("response_mask: expected response tokens to be real tokens (attention_mask 1), "
                          "found a response position with attention_mask 0")
+    check_ids_in_vocab(ids, attn, vocab_size, "ids")
     return ids.astype(np.int32), attn.astype(np.int32), resp.astype(np.float32)
 
 
@@ -288,7 +290,7 @@ def extract(model, ids, attention_mask, response_mask, spec: FeatureSpec) -> jax
     cfg = _model_cfg(model)
     _check_spec(spec)
     feature_dim(spec, cfg)
-    ids, attn, resp = _check_batch(ids, attention_mask, response_mask)
+    ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
     graphdef, state = nnx.split(model)
     return _extract(state, ids, attn, resp, graphdef=graphdef, spec=spec,
                     layers=_layers_or_empty(spec, cfg))
@@ -347,7 +349,7 @@ def iter_feature_batches(model, ids, attention_mask, response_mask, spec: Featur
     _check_spec(spec)
     feature_dim(spec, cfg)
     batch_size = _check_batch_size(batch_size)
-    ids, attn, resp = _check_batch(ids, attention_mask, response_mask)
+    ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
     graphdef, state = nnx.split(model)
     layers = _layers_or_empty(spec, cfg)
     n = ids.shape[0]
@@ -406,6 +408,7 @@ def write_store(path, model, spec: FeatureSpec, ids, attention_mask, response_ma
 
     cfg = _model_cfg(model)
     f = feature_dim(spec, cfg)
+    _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)  # before the writer opens
     n = np.shape(ids)[0] if np.ndim(ids) == 2 else -1
     labels = np.asarray(labels)
     group_ids = np.asarray(group_ids)
@@ -491,7 +494,7 @@ def fused_scores(model, params, spec: FeatureSpec, ids, attention_mask, response
     cfg = _model_cfg(model)
     _check_spec(spec)
     _check_head(params, spec, cfg)
-    ids, attn, resp = _check_batch(ids, attention_mask, response_mask)
+    ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
     graphdef, state = nnx.split(model)
     return _fused(state, params, ids, attn, resp, graphdef=graphdef, spec=spec,
                   layers=_layers_or_empty(spec, cfg))
@@ -504,7 +507,7 @@ def fused_scores_batched(model, params, spec: FeatureSpec, ids, attention_mask, 
     _check_spec(spec)
     _check_head(params, spec, cfg)
     batch_size = _check_batch_size(batch_size)
-    ids, attn, resp = _check_batch(ids, attention_mask, response_mask)
+    ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
     graphdef, state = nnx.split(model)
     layers = _layers_or_empty(spec, cfg)
     n = ids.shape[0]

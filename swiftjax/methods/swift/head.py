@@ -1,6 +1,6 @@
 """SWIFT: a linear (optionally gated) reward head over an LM's own token features.
 
-Pure numeric core (no model forward, no data pipeline). Spec: shared/specs/swift.md.
+Pure numeric core (no model forward, no data pipeline). Spec: docs/swift.md.
 
 Head parameters are a dict ``{'kernel': [F, C], 'bias': [C]}``:
 
@@ -27,6 +27,10 @@ Three ways to reach a score share one formula (:func:`score_from_projections`):
 Losses (spec "Training losses"), each a scalar mean: :func:`loss_ce`, :func:`loss_hinge`,
 :func:`loss_dpo`, :func:`loss_infonca`, :func:`loss_nca`; :data:`LOSSES` / :func:`loss_fn` give
 them one uniform signature over a ``[P, K]`` batch (P prompts x K candidates).
+
+Masked-out tokens (mask 0) contribute exactly nothing, even when their features or
+projections hold NaN/inf: they are selected away with ``jnp.where`` before any arithmetic
+(a product ``x * 0`` is NaN for x = NaN, and so is its gradient).
 
 Validation note: public functions check shapes and dtypes (works on tracers too); value checks
 (finite, label range) run only on concrete, small arrays (scores, labels), never on features,
@@ -233,10 +237,21 @@ def token_scores(params, features):
     return None, proj[..., 0]
 
 
+def _keep(mask):
+    """[B, T] bool: the positions a mask selects (nonzero)."""
+    return mask.astype(jnp.float32) != 0
+
+
+def _zero_masked(x, mask):
+    """x [B, T, ...] with the masked-out positions replaced by exact zeros (NaN/inf included)."""
+    keep = _keep(mask).reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+    return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
 @jax.jit
 def _score_from_projections(proj, mask):
-    proj = proj.astype(jnp.float32)
-    m = mask.astype(jnp.float32)
+    proj = _zero_masked(proj.astype(jnp.float32), mask)
+    m = jnp.where(_keep(mask), mask.astype(jnp.float32), 0.0)
     if proj.shape[-1] == 2:
         g = jax.nn.sigmoid(proj[..., 0])
         r = proj[..., 1]
@@ -268,13 +283,19 @@ def score(params, features, mask) -> jax.Array:
     _check_params(params)
     _check_features(params, features)
     _check_mask(mask, _shape(features)[:2])
-    return _score_from_projections(_project(params, features), mask)
+    return _score(params, features, mask)
+
+
+@jax.jit
+def _score(params, features, mask):
+    # zero the masked-out features first: their gradient w.r.t. the kernel is x * 0
+    return _score_from_projections(_project(params, _zero_masked(features, mask)), mask)
 
 
 @jax.jit
 def _pooled(params, features, mask):
-    x = features.astype(jnp.float32)
-    m = mask.astype(jnp.float32)
+    x = _zero_masked(features.astype(jnp.float32), mask)
+    m = jnp.where(_keep(mask), mask.astype(jnp.float32), 0.0)
     if params["kernel"].shape[-1] == 2:
         u = jnp.einsum("btf,f->bt", x, params["kernel"][:, 0].astype(jnp.float32)) + params["bias"][0]
         w = jax.nn.sigmoid(u) * m
@@ -390,8 +411,8 @@ def running_score_init(batch: int, gated: bool = True) -> RunningScore:
 
 @jax.jit
 def _running_update(state, u_r_t, m_t):
-    m = m_t.astype(jnp.float32)
-    u_r_t = u_r_t.astype(jnp.float32)
+    m = jnp.where(_keep(m_t), m_t.astype(jnp.float32), 0.0)
+    u_r_t = _zero_masked(u_r_t.astype(jnp.float32), m_t)
     if u_r_t.shape[-1] == 2:
         g = jax.nn.sigmoid(u_r_t[:, 0])
         r = u_r_t[:, 1]
@@ -501,7 +522,13 @@ def loss_dpo_grouped(scores, labels) -> jax.Array:
 def _infonca(scores, labels, alpha):
     w = jax.nn.softmax(labels.astype(jnp.float32) / alpha, axis=-1)
     logp = jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)
-    return jnp.mean(-jnp.sum(w * logp, axis=-1))
+    return jnp.mean(-jnp.sum(_weighted(w, logp), axis=-1))
+
+
+def _weighted(w, x):
+    """w * x, exactly 0 where the weight is 0 (a zero-weight -inf log-prob is not NaN)."""
+    keep = w != 0
+    return jnp.where(keep, w * jnp.where(keep, x, 0.0), 0.0)
 
 
 def _check_alpha(alpha) -> float:
@@ -529,7 +556,7 @@ def _nca(scores, labels, alpha):
     s = scores.astype(jnp.float32)
     k = s.shape[-1]
     w = jax.nn.softmax(labels.astype(jnp.float32) / alpha, axis=-1)
-    per = w * jax.nn.log_sigmoid(s) + jax.nn.log_sigmoid(-s) / k
+    per = _weighted(w, jax.nn.log_sigmoid(s)) + jax.nn.log_sigmoid(-s) / k
     return jnp.mean(-jnp.sum(per, axis=-1))
 
 

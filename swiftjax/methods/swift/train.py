@@ -90,9 +90,34 @@ def _make_batch(source, groups, labels, gids):
             "labels": jnp.asarray(labels[gids], jnp.float32)}
 
 
+@jax.jit
+def _all_finite(params, loss):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]
+    return jnp.isfinite(loss) & jnp.all(jnp.stack(leaves))
+
+
+def _checked_step(step):
+    """``step`` that raises ValueError as soon as the loss or the params stop being finite
+    (one scalar read back per step: the head is tiny, so is the cost)."""
+
+    def checked(state, batch):
+        new, metrics = step(state, batch)
+        if not bool(_all_finite(new.params, metrics["loss"])):
+            raise ValueError(
+                f"train_head: expected a finite loss and params, got loss {float(metrics['loss'])} "
+                f"at step {int(jax.device_get(new.step))} (NaN/inf features at response positions "
+                "(mask 1), or a learning rate that diverges)")
+        return new, metrics
+
+    return checked
+
+
 def train_head(source, groups, labels, cfg: SwiftTrainConfig = SwiftTrainConfig(), *,
                writer=None, progress: bool = True) -> tuple[dict, dict]:
-    """Train a SWIFT head; returns (best params, info with history and split sizes)."""
+    """Train a SWIFT head; returns (best params, info with history and split sizes).
+
+    Raises ValueError as soon as the training loss, the params or the validation loss
+    become non-finite (never returns NaN params)."""
     from swiftjax.train import loop
 
     groups = np.asarray(groups)
@@ -106,7 +131,7 @@ def train_head(source, groups, labels, cfg: SwiftTrainConfig = SwiftTrainConfig(
     params = swift.init_params(jax.random.key(cfg.seed), source.feature_dim, gated=cfg.gated)
     tx = loop.make_optimizer(loop.OptimizerConfig(name="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay))
     loss = _group_loss(cfg)
-    step = loop.make_train_step(loss, tx)
+    step = _checked_step(loop.make_train_step(loss, tx))
 
     def batches(epoch):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(g_train)
@@ -123,6 +148,11 @@ def train_head(source, groups, labels, cfg: SwiftTrainConfig = SwiftTrainConfig(
 
         def eval_fn(p):  # exact loss over all validation groups at once
             s = score_rows(p, source, val_rows).reshape(val_labels.shape)
+            bad = np.flatnonzero(~np.isfinite(s.reshape(-1)))
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(f"train_head: expected finite validation scores, got {s.reshape(-1)[i]} for row "
+                                 f"{int(val_rows[i])} (NaN/inf features at response positions (mask 1))")
             return {"loss": float(group_loss(jnp.asarray(s), val_labels))}
 
         early = loop.EarlyStopping(metric="loss", mode="min", patience=cfg.patience)

@@ -295,6 +295,31 @@ def test_fused_bad_inputs_raise(models):
         F.fused_scores(model, {"kernel": p["kernel"]}, spec, ids, attn, resp)
 
 
+@pytest.mark.parametrize("bad", ["too_big", "negative"])
+def test_out_of_vocab_ids_raise_at_every_entry(models, tmp_path, bad):
+    _, model, cfg = models("llama")
+    ids, attn, resp = _batch()
+    ids[1, 7] = cfg.vocab_size if bad == "too_big" else -1
+    spec = F.FeatureSpec(layers=(1,))
+    p = _head(spec, cfg, True)
+    match = rf"ids: expected token ids in \[0, {cfg.vocab_size}\), got {ids[1, 7]} at \[1, 7\]"
+    with pytest.raises(ValueError, match=match):
+        F.extract(model, ids, attn, resp, spec)
+    with pytest.raises(ValueError, match=match):
+        next(F.iter_feature_batches(model, ids, attn, resp, spec, batch_size=2))
+    with pytest.raises(ValueError, match=match):
+        F.fused_scores(model, p, spec, ids, attn, resp)
+    with pytest.raises(ValueError, match=match):
+        F.fused_scores_batched(model, p, spec, ids, attn, resp, batch_size=2)
+    with pytest.raises(ValueError, match=match):
+        F.write_store(tmp_path / "s", model, spec, ids, attn, resp, np.zeros(3), np.arange(3))
+    assert not (tmp_path / "s").exists()
+    ok = ids.copy()
+    ok[1, 7] = 5
+    ok[1, 0] = cfg.vocab_size  # a padding position (attention_mask 0) is never read
+    assert np.isfinite(np.asarray(F.extract(model, ok, attn, resp, spec))).all()
+
+
 # ----------------------------------------------------------------------------- decoding
 
 

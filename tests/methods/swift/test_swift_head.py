@@ -200,6 +200,52 @@ def test_score_ignores_masked_tokens_and_bf16_features():
     np.testing.assert_allclose(swift.score(p, xb, m), want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("gated", [True, False])
+def test_nan_or_inf_at_masked_positions_contributes_nothing(gated, poison):
+    rng = np.random.default_rng(13)
+    b, t, f = 3, 7, 10
+    p = rand_params(rng, f, gated)
+    x = rng.normal(size=(b, t, f)).astype(np.float32)
+    m = rand_mask(rng, b, t, empty_rows=(2,))
+    y = x.copy()
+    y[m == 0] = poison
+    for fn in (swift.score, swift.pooled_features):
+        clean = np.asarray(fn(p, x, m))
+        got = np.asarray(fn(p, y, m))
+        assert np.all(np.isfinite(got)), fn.__name__
+        np.testing.assert_allclose(got, clean, rtol=1e-6, atol=1e-6, err_msg=fn.__name__)
+        np.testing.assert_allclose(fn(p, y, m.astype(bool)), clean, rtol=1e-6, atol=1e-6)
+    # gradients of a loss through the score (what training takes)
+    labels = jnp.asarray((np.arange(b) % 2).astype(np.float32))
+    grad = lambda feats: jax.grad(lambda q: swift.loss_ce(swift.score(q, feats, m), labels))(p)
+    for gc, gy in zip(jax.tree_util.tree_leaves(grad(x)), jax.tree_util.tree_leaves(grad(y))):
+        assert np.all(np.isfinite(np.asarray(gy)))
+        np.testing.assert_allclose(gy, gc, rtol=1e-5, atol=1e-6)
+    # projections: score_from_projections and the running score
+    proj = np.asarray(swift.project(p, x))
+    bad = proj.copy()
+    bad[m == 0] = poison
+    want = np.asarray(swift.score_from_projections(proj, m))
+    np.testing.assert_allclose(swift.score_from_projections(bad, m), want, rtol=1e-6, atol=1e-6)
+    state = swift.running_score_init(b, gated=gated)
+    for i in range(t):
+        state = swift.running_score_update(state, jnp.asarray(bad[:, i]), jnp.asarray(m[:, i]))
+    np.testing.assert_allclose(swift.running_score_value(state), want, rtol=1e-5, atol=1e-6)
+
+
+def test_listwise_losses_ignore_zero_weight_candidates_at_minus_inf():
+    s = np.array([[2.0, -np.inf, 0.5]], np.float32)  # candidate 1: weight 0, log-prob -inf
+    c = np.array([[1.0, 0.0, 1.0]], np.float32)
+    ref = np.array([[2.0, 0.5]], np.float32), np.array([[1.0, 1.0]], np.float32)
+    for name in ("infonca", "nca"):  # traced (as in training): the eager finite-score check is off
+        fn = jax.jit(swift.loss_fn(name, alpha=1e-3))
+        got = float(fn(jnp.asarray(s), jnp.asarray(c)))
+        assert np.isfinite(got), name
+        if name == "infonca":
+            np.testing.assert_allclose(got, float(fn(*map(jnp.asarray, ref))), rtol=1e-6)
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_score_gradients_finite_with_empty_row(gated):
     rng = np.random.default_rng(4)

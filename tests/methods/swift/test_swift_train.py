@@ -67,3 +67,35 @@ def test_bad_inputs():
         train_head(src, groups, labels[:, :3], progress=False)
     with pytest.raises(ValueError, match="loss"):
         SwiftTrainConfig(loss="mse")
+
+
+def test_nan_at_masked_positions_trains_like_clean_features():
+    src, groups, labels = _planted(g=12, seed=2)
+    cfg = SwiftTrainConfig(lr=3e-2, max_epochs=2)
+    clean, _ = train_head(src, groups, labels, cfg, progress=False)
+    feats = src.features.copy()
+    feats[src.mask == 0] = np.nan  # padding positions hold garbage
+    poisoned, _ = train_head(ArraySource(feats, src.mask), groups, labels, cfg, progress=False)
+    for k in ("kernel", "bias"):
+        assert np.all(np.isfinite(poisoned[k]))
+        np.testing.assert_allclose(poisoned[k], clean[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["train", "validation"])
+def test_non_finite_features_at_response_positions_raise(where):
+    src, groups, labels = _planted(g=12, seed=3)
+    cfg = SwiftTrainConfig(max_epochs=2)
+    from swiftjax.methods.swift.train import split_groups as split
+    g_train, g_val = split(groups.shape[0], cfg.val_frac, cfg.seed)
+    row = int(groups[(g_train if where == "train" else g_val)[0], 0])
+    feats = src.features.copy()
+    feats[row, 0] = np.nan  # position 0 is a response position (mask 1)
+    match = "a finite loss and params" if where == "train" else "finite validation scores"
+    with pytest.raises(ValueError, match=rf"train_head: expected {match}"):
+        train_head(ArraySource(feats, src.mask), groups, labels, cfg, progress=False)
+
+
+def test_diverging_lr_raises_instead_of_returning_nan_params():
+    src, groups, labels = _planted(g=12, seed=4)
+    with pytest.raises(ValueError, match="train_head: expected a finite loss and params"):
+        train_head(src, groups, labels, SwiftTrainConfig(lr=1e38, max_epochs=3, val_frac=0.0), progress=False)
