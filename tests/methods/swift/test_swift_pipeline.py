@@ -118,3 +118,49 @@ def test_outputs_are_checked_before_work(tmp_path):
     cfg = parse_typed(pipeline.SwiftRunConfig, [f"out={f}"], "swift run")
     with pytest.raises(ValueError, match="out: expected a directory, .* is an existing file"):
         pipeline.run(cfg, report=False)
+
+
+def test_cli_mistakes_are_one_line_errors(tmp_path, capsys):
+    from swiftjax import cli
+
+    def err(*argv):
+        assert cli.main(list(argv)) == 2
+        out = capsys.readouterr().err.strip()
+        assert "\n" not in out and "Traceback" not in out, out
+        return out
+
+    assert "--ks: expected a comma-separated list" in err("swift", "bon", "x.jsonl", "--ks")
+    assert "is a directory" in err("swift", "bon", str(tmp_path))
+    head = tmp_path / "nohead"
+    assert "expected a trained head directory" in err("swift", "score", f"head={head}", f"candidates={tmp_path}")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("n: [1\n")
+    assert "line 2" in err("swift", "run", str(bad))
+    assert "expected a subcommand" in err("swift")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # root ignores permissions
+            assert "cannot write" in err("sample", f"out={ro / 'x'}", "model=world")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_feature_store_key_covers_model_and_prompts(tmp_path):
+    from swiftjax.backbone import load_backbone
+
+    a, _ = save_tiny_chat_model("qwen2", tmp_path / "a", seed=0)
+    b, _ = save_tiny_chat_model("qwen2", tmp_path / "b", seed=1)
+    rows = [{"prompt_id": f"p{i // 4}", "index": i % 4, "prompt": f"q{i // 4}", "text": "", "token_ids": [5, 6, 7],
+             "answer": None, "correct": bool(i % 2), "gold": "1"} for i in range(8)]
+    spec = pipeline.SwiftRunConfig().features
+    kw = dict(max_len=64, batch_size=8, progress=False, log=lambda *_: None)
+    sa, _, _ = pipeline.feature_store_for(load_backbone(a), rows, spec, tmp_path / "c", **kw)
+    sb, _, _ = pipeline.feature_store_for(load_backbone(b), rows, spec, tmp_path / "c", **kw)
+    other = [{**r, "prompt": r["prompt"] + "!"} for r in rows]
+    sc, _, _ = pipeline.feature_store_for(load_backbone(a), other, spec, tmp_path / "c", **kw)
+    assert len({sa.path, sb.path, sc.path}) == 3  # another model or other prompts: another store
+    assert not np.array_equal(sa.row(0), sb.row(0))
+    again, _, _ = pipeline.feature_store_for(load_backbone(a), rows, spec, tmp_path / "c", **kw)
+    assert again.path == sa.path
