@@ -259,13 +259,15 @@ class Backbone:
         return ids + [self.eos_ids[0]]
 
     def decode_response(self, ids) -> str:
-        """Text of generated ids: up to the first end-of-turn id, pad dropped, no special tokens."""
+        """Text of generated ids: up to (not including) the first end-of-turn id, pad ids
+        dropped, any other special token kept as its string (graders see what was generated)."""
         out = []
         for t in np.asarray(ids).reshape(-1).tolist():
             if t in self.eos_ids:
                 break
-            out.append(int(t))
-        return self.tokenizer.decode(out, skip_special_tokens=True)
+            if t != self.pad_id:
+                out.append(int(t))
+        return self.tokenizer.decode(out, skip_special_tokens=False)
 
     def trim_response(self, ids) -> list[int]:
         """Generated ids up to and including the first end-of-turn id (all of them if none)."""

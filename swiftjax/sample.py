@@ -132,7 +132,7 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
     problems = task.problems(split)
     messages = [task.user_message(p) for p in problems]
     width = _prompt_len(backbone, messages, sampling)
-    key = {"format": 2, "model": backbone.digest, "task": task.describe(), "split": split,
+    key = {"format": 3, "model": backbone.digest, "task": task.describe(), "split": split,
            "problems": digest([(p.id, m, p.gold) for p, m in zip(problems, messages)]), "n": n, "seed": seed,
            "sampling": to_plain(sampling), "prompt_len": width,
            "eos_ids": list(backbone.eos_ids), "pad_id": backbone.pad_id}

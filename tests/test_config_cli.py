@@ -52,5 +52,5 @@ def test_cli_usage_and_unknown_command(capsys):
 
 
 def test_cli_reports_bad_input_without_traceback(capsys, tmp_path):
-    assert cli.main(["world", "sample", "sample.model=" + str(tmp_path)]) == 2
-    assert "expected an HF directory" in capsys.readouterr().err
+    assert cli.main(["sample", "model=" + str(tmp_path)]) == 2
+    assert "expected a tokenizer" in capsys.readouterr().err

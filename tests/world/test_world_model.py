@@ -1,5 +1,5 @@
 """The world model pipeline: deterministic training, HF export that transformers loads with the
-same logits, the shipped model, and candidate sampling."""
+same logits, the shipped model, and candidate sampling through the generic Backbone/Task path."""
 import json
 
 import jax.numpy as jnp
@@ -9,7 +9,10 @@ import torch
 import transformers
 
 import swiftjax
-from swiftjax.config import apply_overrides
+from swiftjax.backbone import load_backbone
+from swiftjax.config import parse_typed
+from swiftjax.sample import SamplingSection, candidate_set
+from swiftjax.tasks import TaskConfig, make_task
 from swiftjax.world import tokenizer as wtok
 from swiftjax.world import problems as world
 from swiftjax.world import model as wexp
@@ -24,7 +27,7 @@ def tiny_runs(tmp_path_factory):
     dirs = []
     for i in range(2):
         out = tmp_path_factory.mktemp(f"world{i}")
-        cfg = apply_overrides(wexp.DEFAULTS, TINY + [f"out={out}"])
+        cfg = parse_typed(wexp.WorldModelConfig, TINY + [f"out={out}"], "test")
         dirs.append(wexp.train(cfg, progress=False))
     return dirs
 
@@ -52,14 +55,17 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny_runs):
     assert gen["eos_token_id"] == [wtok.END_ID, wtok.EOS_ID]
 
 
-def test_sampling_rows_are_graded_and_seeded(tiny_runs):
-    model, _, tok = wexp.load_world_model(tiny_runs[0])
-    probs = world.make_split("test", 3, seed=0)
-    kw = dict(n=4, temperature=1.0, max_new_tokens=16, prompt_len=64, batch_size=8, progress=False)
-    rows = wexp.sample_candidates(model, tok, probs, seed=1, **kw)
-    again = wexp.sample_candidates(model, tok, probs, seed=1, **kw)
+def test_sampling_rows_are_graded_and_seeded(tiny_runs, tmp_path):
+    bb = load_backbone(tiny_runs[0])
+    task = make_task(TaskConfig(name="world", n_test=3, seed=0))
+    kw = dict(n=4, sampling=SamplingSection(max_new_tokens=16, prompt_len=64, batch_size=8), seed=1, progress=False,
+              log=lambda *_: None)
+    rows, _ = candidate_set(bb, task, "test", out_dir=tmp_path / "a", **kw)
+    again, _ = candidate_set(bb, task, "test", out_dir=tmp_path / "b", **kw)
     assert [r["token_ids"] for r in rows] == [r["token_ids"] for r in again]
     assert len(rows) == 12 and [r["index"] for r in rows[:4]] == [0, 1, 2, 3]
+    probs = world.make_split("test", 3, seed=0)
+    tok = wtok.load_tokenizer(tiny_runs[0])
     for r in rows:
         p = next(p for p in probs if p.id == r["prompt_id"])
         assert r["correct"] == world.grade(r["text"], p.answer)
