@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench ablations clean
+.PHONY: venv test demo bench ablations models clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 ablations: $(STAMP)
 	$(PY) -m swiftjax.cli ablate configs/ablations
+
+# Real checkpoints (GGUF files converted to HF folders) in ~/.cache/swiftjax/models, or in $SWIFTJAX_MODELS.
+models: $(STAMP)
+	$(PY) -m swiftjax.cli models fetch
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -16,17 +16,23 @@ COMMANDS = {
     "ebrm": ("swiftjax.methods.ebrm.pipeline:main", "ebrm run CONFIG: EBRM over a reward model and over SWIFT"),
     "genarm": ("swiftjax.methods.genarm.pipeline:main", "genarm train|guide CONFIG: autoregressive RM, guided decoding"),
     "preference": ("swiftjax.methods.preference.pipeline:main", "preference irft|mrpo CONFIG: SFT/IRFT/RFT, DPO/MRPO"),
-    "world": ("swiftjax.world.model:main", "world train|sample|export|eval [CONFIG]: the embedded world's model"),
-    "convert": ("swiftjax.cli:_convert", "convert llama2c SRC DST: a llama2.c checkpoint to an HF directory"),
+    "world": ("swiftjax.world.model:main", "world train|export [CONFIG]: the embedded world's model"),
+    "convert": ("swiftjax.cli:_convert", "convert llama2c|gguf SRC DST: a llama2.c checkpoint or a GGUF file to an HF directory"),
+    "models": ("swiftjax.convert.fetch:main", "models fetch [NAME ...]: download real GGUF checkpoints, convert to HF (cache)"),
 }
 
 
 def _convert(argv):
-    from swiftjax.convert.llama2c import main_convert
+    if argv and argv[0] == "llama2c":
+        from swiftjax.convert.llama2c import main_convert
 
-    if not argv or argv[0] != "llama2c":
-        raise SystemExit("usage: swiftjax convert llama2c SRC DST [--tokenizer TOK] [--overwrite]")
-    return main_convert(argv)
+        return main_convert(argv)
+    if argv and argv[0] == "gguf":
+        from swiftjax.convert.gguf import main_convert as main_convert_gguf
+
+        return main_convert_gguf(argv)
+    raise SystemExit("usage: swiftjax convert llama2c SRC DST [--tokenizer TOK] [--overwrite]\n"
+                     "       swiftjax convert gguf SRC.gguf DST [--dtype float32|bfloat16] [--overwrite]")
 
 
 def _usage() -> str:

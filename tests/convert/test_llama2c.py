@@ -403,3 +403,31 @@ def test_swiftjax_greedy_decoding_reproduces_the_story(converted):
     text = tok.decode(np.asarray(out.tokens)[0], skip_special_tokens=True)
     print(f"swiftjax greedy: {text!r}")
     assert text.startswith("Once upon a time, there was a little girl named Lily")
+
+
+def test_swift_pipeline_runs_on_the_converted_stories_model(converted, tmp_path):
+    """The llama2.c model is a base model without a chat template: a plain template and a jsonl
+    task with the exact grader take it through sample -> features -> head -> fused scores -> BoN."""
+    import json as _json
+
+    from swiftjax.backbone import load_backbone
+    from swiftjax.config import parse_typed
+    from swiftjax.methods.swift import pipeline
+
+    data = tmp_path / "stories.jsonl"
+    with data.open("w") as f:
+        for i, (q, a) in enumerate([("Once upon a time", "Lily"), ("One day", "Tom"), ("The sun", "was"),
+                                    ("A little girl", "saw"), ("The dog", "ran"), ("Mom said", "yes")]):
+            f.write(_json.dumps({"question": q, "answer": a, "id": f"s{i}"}) + "\n")
+    with pytest.raises(ValueError, match="no chat template"):
+        load_backbone(converted)
+    cfg = parse_typed(pipeline.SwiftRunConfig, [
+        f"model={converted}", "template=plain", "task.name=jsonl", f"task.test_path={data}", "task.id_field=id",
+        "task.grader=exact", "task.n_test=2", "task.n_train=4", f"out={tmp_path / 'out'}", "n=4",
+        "rollouts_per_group=4", "sampling.max_new_tokens=8", "sampling.batch_size=8", "swift.max_epochs=2",
+        "swift.groups_per_batch=1", "extract_batch=8", "progress=false"], "test")
+    res = pipeline.run(cfg, report=False)
+    assert set(res["bon"]) == {"random", "majority", "swift", "oracle"}
+    assert res["model"]["template"] == "plain" and res["n_test_problems"] == 2
+    rows = [_json.loads(line) for line in next((tmp_path / "out").glob("candidates_test_*.jsonl")).open()]
+    assert all(r["prompt"] in ("Once upon a time", "One day") for r in rows)
