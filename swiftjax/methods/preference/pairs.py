@@ -1,86 +1,203 @@
-"""Preference pairs from candidate sets, their encoding, and reference log-probs stored with them.
+"""Preference pairs: the one encoded pair type, how candidates become pairs, and reference
+log-probs stored with them.
 
-Pipeline (what ``swiftjax train-mrpo`` does with it)::
+Pipeline (what ``swiftjax preference mrpo`` does with it)::
 
-    rows  = read_candidates(path)                      # candidate jsonl (swiftjax.data.candidates)
-    pairs = make_pairs(rows, max_per_prompt=4, seed=0)  # (correct, incorrect) of one prompt
-    train, held = split_by_prompt(pairs, held_out=0.2, seed=0)
-    data  = build_pair_data(tok, pairs, refs, max_len=160)  # ids/masks [N, T] + ref log-probs [K, N]
-    save_pair_data(path, data); data = load_pair_data(path)
+    rows    = candidate_set(policy, task, "train", ...)       # or read_candidates(path)
+    records = make_pairs(rows, max_per_prompt=4, seed=0)       # (correct, incorrect) of one prompt
+    pairs, kept = encode_pairs(policy, prompts, chosen, rejected)   # PreferencePairs, K = 0
+    lw, ll  = reference_logprobs(ref, policy, pairs, prompts, chosen_texts, rejected_texts)
+    pairs   = pairs.with_refs(["other"], lw[:, None], ll[:, None])
+    save_pairs(path, pairs, extra); pairs, extra = load_pairs(path)
 
-Pairs
------
-A pair is a dict ``{"prompt_id", "prompt", "chosen", "rejected", "chosen_index",
-"rejected_index"}``: the prompt text and two response texts of that prompt, ``chosen`` graded
-correct and ``rejected`` graded incorrect. Identical (chosen, rejected) texts occurring more
-than once (duplicate candidates) count once. At most ``max_per_prompt`` pairs are kept per
-prompt, drawn without replacement by a generator seeded with ``(seed, sha256(prompt_id))``, so
-a prompt's pairs do not depend on which other prompts are in the file.
+Pair records
+------------
+:func:`make_pairs` selects which two candidates of a prompt form a pair: a *record* is a dict
+``{"prompt_id", "prompt", "chosen", "rejected", "chosen_index", "rejected_index"}`` (texts and
+candidate indices, ``chosen`` graded correct and ``rejected`` incorrect). Identical (chosen,
+rejected) texts occurring more than once count once. At most ``max_per_prompt`` pairs are kept
+per prompt, drawn without replacement by a generator seeded with ``(seed, sha256(prompt_id))``,
+so a prompt's pairs do not depend on which other prompts are in the file. Records say *which*
+responses; everything that trains or scores uses the encoded type below.
 
-Encoding
---------
-:func:`encode_pairs` turns pairs into right-padded ``[N, T]`` arrays with an *encode function*
-``encode(tokenizer, prompts, responses, max_len) -> (ids, attention_mask, response_mask)``
-(each [N, max_len] int32; ``response_mask`` marks the response tokens). The default is the
-world's :func:`swiftjax.world.tokenizer.encode_examples` (chat template, response = solution +
-``<|end|>``). Pairs whose chosen or rejected side needs more than ``max_len`` tokens can be
-dropped (``drop_long=True``); the kept indices are returned.
+The pair type: :class:`PreferencePairs`
+---------------------------------------
+N pairs encoded for one model (a :class:`swiftjax.backbone.Backbone`), every array's first axis
+the pair:
 
-References and other tokenizers
--------------------------------
-A :class:`Reference` is ``(name, model, tokenizer, encode, max_len)``. Its sequence log-prob of
-a (prompt, response) text pair is computed on *its own* tokenisation:
-``encode(tokenizer, [prompt], [response], max_len)`` then the summed float32 log-probs of the
-response tokens under ``model`` (teacher forcing, :func:`swiftjax.logprobs.sequence_logprobs`). When
-the reference uses the same tokenizer and encode function as the policy (the fast path, see
-:func:`same_tokenizer`), the policy's ids are reused. The log-probs are computed once, before
-training, and stored with the pairs (:func:`save_pair_data`: one ``.npz`` written atomically).
+* ``chosen_ids``, ``chosen_attention_mask``, ``chosen_response_mask`` [N, T] int32, and the same
+  three for ``rejected_``. Layout (:meth:`Backbone.encode_pairs`): **right padding**; row i holds
+  the rendered generation prompt at positions ``[0, P_i)``, then the response (up to and
+  including its end-of-turn id) at ``[P_i, P_i + R_i)``, then the backbone's ``pad_id``. The
+  attention mask is 1 over prompt and response, the response mask 1 over the response only;
+  both are 0 on padding. The two sides of a row share the prompt, so its response starts at the
+  same position in both. IRFT / RFT use chosen = the demonstration, rejected = a generation.
+* ``ref_chosen``, ``ref_rejected`` [N, K] float32: stored reference sequence log-probs (sums over
+  the response tokens under teacher forcing, :func:`swiftjax.logprobs.sequence_logprobs`), one
+  column per reference named in ``ref_names`` (a tuple of K strings; K may be 0). Each reference
+  scores the pair on its *own* tokenisation and template.
 
-Stored arrays (``build_pair_data``): ``prompt_id``, ``prompt``, ``chosen``, ``rejected`` [N]
-unicode; ``chosen_index``, ``rejected_index`` [N] int64; ``chosen_ids``,
-``chosen_attention_mask``, ``chosen_response_mask`` and the same for ``rejected_`` [N, T]
-int32; ``ref_names`` [K] unicode; ``ref_chosen``, ``ref_rejected`` [K, N] float32 (reference k's
-sequence log-prob of the chosen / rejected response).
+It is a JAX pytree (the arrays are leaves, ``ref_names`` is static), so a batch of pairs goes
+into a jitted train step as it is; :func:`pair_batches` yields such batches.
+
+Responses are given either as token ids (used as they are, e.g. what the model generated) or as
+texts (encoded with :meth:`Backbone.response_ids`, the template's assistant turn). A reference
+with the same tokenisation as the policy (same tokenizer, template, system message and end
+ids: :func:`same_tokenisation`) reuses the policy's ids; any other encodes the texts itself.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from swiftjax import logprobs as lm
 from swiftjax._io import atomic_file
-
+from swiftjax.backbone import Backbone
+from swiftjax.batching import epoch_batches
 from swiftjax.data import candidates as _cands
-from swiftjax.world import tokenizer as wtok
 
 __all__ = [
     "PAIR_KEYS",
+    "PreferencePairs",
     "make_pairs",
     "split_by_prompt",
     "subsample_pairs",
+    "response_lists",
     "encode_pairs",
-    "encode_generated",
     "through_first_divergence",
-    "Reference",
-    "same_tokenizer",
+    "pair_logprobs",
+    "pair_sequence_logprobs",
+    "pair_batches",
+    "same_tokenisation",
     "reference_logprobs",
-    "pair_reference_logprobs",
-    "build_pair_data",
-    "take_pairs",
-    "save_pair_data",
-    "load_pair_data",
+    "save_pairs",
+    "load_pairs",
 ]
 
 PAIR_KEYS = ("prompt_id", "prompt", "chosen", "rejected", "chosen_index", "rejected_index")
 _SIDES = ("chosen", "rejected")
 _ENC = ("ids", "attention_mask", "response_mask")
+_ARRAYS = tuple(f"{s}_{e}" for s in _SIDES for e in _ENC) + ("ref_chosen", "ref_rejected")
 
 
-# ----------------------------------------------------------------------------- pairs
+# ----------------------------------------------------------------------------- the pair type
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferencePairs:
+    """N encoded preference pairs with K stored reference log-probs (layout: module doc)."""
+
+    chosen_ids: Any                # [N, T] int32, right-padded with the backbone's pad id
+    chosen_attention_mask: Any     # [N, T] int32: prompt + response
+    chosen_response_mask: Any      # [N, T] int32: response only (end-of-turn id included)
+    rejected_ids: Any              # [N, T] int32, the same layout (same prompt per row)
+    rejected_attention_mask: Any   # [N, T] int32
+    rejected_response_mask: Any    # [N, T] int32
+    ref_chosen: Any                # [N, K] float32 sequence log-prob of chosen under reference k
+    ref_rejected: Any              # [N, K] float32
+    ref_names: tuple[str, ...] = ()
+
+    # -- construction and checks
+
+    @classmethod
+    def build(cls, chosen: Sequence, rejected: Sequence, ref_chosen=None, ref_rejected=None,
+              ref_names: Sequence[str] = ()) -> "PreferencePairs":
+        """From ``(ids, attention_mask, response_mask)`` per side (numpy, [N, T] each);
+        without references the ref arrays are [N, 0]. Checked."""
+        n = len(chosen[0])
+        k = len(ref_names)
+        z = np.zeros((n, 0), np.float32)
+        out = cls(*(np.asarray(a, np.int32) for a in (*chosen, *rejected)),
+                  z if ref_chosen is None else np.asarray(ref_chosen, np.float32),
+                  z if ref_rejected is None else np.asarray(ref_rejected, np.float32),
+                  tuple(str(r) for r in ref_names))
+        if k == 0 and (ref_chosen is not None or ref_rejected is not None):
+            raise ValueError("ref_names: expected one name per reference column, got none")
+        return out.check()
+
+    def check(self) -> "PreferencePairs":
+        """Raise ValueError unless the arrays have the documented shapes (host arrays)."""
+        ids = np.asarray(self.chosen_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"chosen_ids: expected [N, T], got shape {ids.shape}")
+        n, t = ids.shape
+        for name in _ARRAYS[:6]:
+            a = np.asarray(getattr(self, name))
+            if a.shape != (n, t):
+                raise ValueError(f"{name}: expected shape [N, T]=({n}, {t}) like chosen_ids, got {a.shape}")
+            if not np.issubdtype(a.dtype, np.integer):
+                raise ValueError(f"{name}: expected int32, got {a.dtype}")
+        k = len(self.ref_names)
+        if len(set(self.ref_names)) != k:
+            raise ValueError(f"ref_names: expected distinct names, got {list(self.ref_names)}")
+        for name in ("ref_chosen", "ref_rejected"):
+            a = np.asarray(getattr(self, name))
+            if a.shape != (n, k):
+                raise ValueError(f"{name}: expected shape [N, K]=({n}, {k}) (K = len(ref_names)), got {a.shape}")
+            if k and not np.all(np.isfinite(a)):
+                raise ValueError(f"{name}: expected finite log-probs")
+        for side in _SIDES:
+            r = np.asarray(getattr(self, f"{side}_response_mask"))
+            a = np.asarray(getattr(self, f"{side}_attention_mask"))
+            if np.any((r != 0) & (a == 0)):
+                raise ValueError(f"{side}_response_mask: expected response tokens inside the attention mask")
+            if n and np.any(r[:, 0] != 0):
+                raise ValueError(f"{side}_response_mask: expected 0 at position 0 (a prompt comes first)")
+        return self
+
+    # -- views
+
+    def __len__(self) -> int:
+        return int(np.shape(self.chosen_ids)[0])
+
+    @property
+    def max_len(self) -> int:
+        return int(np.shape(self.chosen_ids)[1])
+
+    def arrays(self) -> dict[str, Any]:
+        """The array fields by name (what :func:`epoch_batches` and ``np.savez`` take)."""
+        return {k: getattr(self, k) for k in _ARRAYS}
+
+    def side(self, which: str):
+        """``(ids, attention_mask, response_mask)`` of ``'chosen'`` or ``'rejected'``."""
+        if which not in _SIDES:
+            raise ValueError(f"side: expected 'chosen' or 'rejected', got {which!r}")
+        return tuple(getattr(self, f"{which}_{e}") for e in _ENC)
+
+    def take(self, index) -> "PreferencePairs":
+        """Rows ``index`` (host numpy)."""
+        index = np.asarray(index, np.int64)
+        return dataclasses.replace(self, **{k: np.asarray(v)[index] for k, v in self.arrays().items()})
+
+    def with_refs(self, names: Sequence[str], ref_chosen, ref_rejected) -> "PreferencePairs":
+        """These pairs with reference columns [N, k] appended (named ``names``)."""
+        rc, rr = np.asarray(ref_chosen, np.float32), np.asarray(ref_rejected, np.float32)
+        if rc.shape != (len(self), len(names)) or rr.shape != rc.shape:
+            raise ValueError(f"ref log-probs: expected [N, k]=({len(self)}, {len(names)}), got {rc.shape}, {rr.shape}")
+        return dataclasses.replace(
+            self, ref_chosen=np.concatenate([np.asarray(self.ref_chosen, np.float32), rc], 1),
+            ref_rejected=np.concatenate([np.asarray(self.ref_rejected, np.float32), rr], 1),
+            ref_names=tuple(self.ref_names) + tuple(names)).check()
+
+    def select_refs(self, index: Sequence[int]) -> "PreferencePairs":
+        """Only the reference columns ``index`` (in that order)."""
+        index = [int(i) for i in index]
+        return dataclasses.replace(self, ref_chosen=np.asarray(self.ref_chosen)[:, index],
+                                   ref_rejected=np.asarray(self.ref_rejected)[:, index],
+                                   ref_names=tuple(self.ref_names[i] for i in index))
+
+
+jax.tree_util.register_dataclass(PreferencePairs, data_fields=list(_ARRAYS), meta_fields=["ref_names"])
+
+
+# ----------------------------------------------------------------------------- pair records
 
 
 def _stable_int(text: str) -> int:
@@ -94,7 +211,7 @@ def _check_count(x, name: str, minimum: int = 1) -> int:
 
 
 def make_pairs(rows: Iterable[Mapping], max_per_prompt: int, seed: int = 0) -> list[dict]:
-    """(correct, incorrect) response pairs of the same prompt.
+    """(correct, incorrect) response pair records of the same prompt.
 
     Args:
       rows: candidate rows (the jsonl format of :mod:`swiftjax.data.candidates`; validated).
@@ -102,7 +219,7 @@ def make_pairs(rows: Iterable[Mapping], max_per_prompt: int, seed: int = 0) -> l
         replacement among all distinct (correct, incorrect) text pairs of the prompt).
       seed: int; the draw for a prompt uses ``default_rng([seed, hash(prompt_id)])``.
     Returns:
-      list of pair dicts (keys :data:`PAIR_KEYS`); prompts in order of first appearance, a
+      list of records (keys :data:`PAIR_KEYS`); prompts in order of first appearance, a
       prompt's pairs ordered by (chosen_index, rejected_index). Prompts whose candidates are
       all correct or all incorrect give no pair.
     """
@@ -144,26 +261,26 @@ def make_pairs(rows: Iterable[Mapping], max_per_prompt: int, seed: int = 0) -> l
     return out
 
 
-def _check_pairs(pairs: Sequence[Mapping], name: str = "pairs") -> None:
+def _check_records(pairs: Sequence[Mapping], name: str = "pairs") -> None:
     if isinstance(pairs, (str, Mapping)):
-        raise ValueError(f"{name}: expected a list of pair dicts, got {type(pairs).__name__}")
+        raise ValueError(f"{name}: expected a list of pair records, got {type(pairs).__name__}")
     for i, p in enumerate(pairs):
         if not isinstance(p, Mapping):
-            raise ValueError(f"{name}[{i}]: expected a pair dict, got {type(p).__name__}")
+            raise ValueError(f"{name}[{i}]: expected a pair record, got {type(p).__name__}")
         missing = [k for k in PAIR_KEYS if k not in p]
         if missing:
             raise ValueError(f"{name}[{i}]: missing keys {missing}; a pair has {list(PAIR_KEYS)}")
 
 
 def split_by_prompt(pairs: Sequence[Mapping], held_out: float | int, seed: int = 0):
-    """Split pairs into (train, held_out) so that no prompt is in both.
+    """Split pair records into (train, held_out) so that no prompt is in both.
 
     held_out: a fraction in (0, 1) of the prompts (rounded, at least 1 when there are >= 2
       prompts) or an int number of prompts. The held-out prompts are the first ones of a
       ``default_rng(seed)`` permutation of the distinct prompt ids (sorted first, so the split
       does not depend on the pair order). Pair order is kept within each part.
     """
-    _check_pairs(pairs)
+    _check_records(pairs)
     ids = sorted({p["prompt_id"] for p in pairs})
     P = len(ids)
     if isinstance(held_out, bool) or not isinstance(held_out, (int, float, np.integer, np.floating)):
@@ -197,120 +314,71 @@ def subsample_pairs(n_pairs: int, n: int, seed: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------- encoding
 
 
-EncodeFn = Callable[[Any, Sequence[str], Sequence[str], int], tuple]
-
-
-def _encode_rows(tok, prompts, responses, max_len: int, encode: EncodeFn, drop_long: bool):
-    """Encode row by row (so an over-long row can be dropped). Returns arrays, kept mask."""
-    n = len(prompts)
-    ids = np.zeros((n, max_len), np.int32)
-    attn = np.zeros_like(ids)
-    resp = np.zeros_like(ids)
-    keep = np.ones((n,), bool)
-    for i, (q, s) in enumerate(zip(prompts, responses)):
-        try:
-            a, b, c = encode(tok, [q], [s], max_len)
-        except ValueError:
-            if not drop_long:
-                raise
-            keep[i] = False
-            continue
-        ids[i], attn[i], resp[i] = np.asarray(a)[0], np.asarray(b)[0], np.asarray(c)[0]
-        if not resp[i].any():
-            raise ValueError(f"row {i}: the encode function gave an empty response mask")
-    return {"ids": ids, "attention_mask": attn, "response_mask": resp}, keep
-
-
-def encode_pairs(tok, pairs: Sequence[Mapping], max_len: int, *, encode: EncodeFn | None = None,
-                 drop_long: bool = False):
-    """Encode chosen and rejected sides of each pair.
-
-    Args:
-      tok: the tokenizer handed to ``encode``.
-      pairs: pair dicts (:data:`PAIR_KEYS`).
-      max_len: T, the padded length.
-      encode: ``encode(tok, prompts, responses, max_len) -> (ids, attention_mask,
-        response_mask)`` [n, T] each; default the world chat template
-        (:func:`swiftjax.world.tokenizer.encode_examples`).
-      drop_long: drop pairs with a side longer than ``max_len`` instead of raising.
-    Returns:
-      ``(arrays, kept)``: arrays ``{chosen_ids, chosen_attention_mask, chosen_response_mask,
-      rejected_...}`` [N_kept, T] int32 and ``kept`` [N_kept] int64 indices into ``pairs``.
-    """
-    _check_pairs(pairs)
-    _check_count(max_len, "max_len", 2)
-    encode = encode or wtok.encode_examples
-    prompts = [p["prompt"] for p in pairs]
-    out, keep = {}, np.ones((len(pairs),), bool)
-    encoded = {}
-    for side in _SIDES:
-        arrs, k = _encode_rows(tok, prompts, [p[side] for p in pairs], max_len, encode, drop_long)
-        encoded[side] = arrs
-        keep &= k
-    kept = np.flatnonzero(keep).astype(np.int64)
-    for side in _SIDES:
-        for name in _ENC:
-            out[f"{side}_{name}"] = encoded[side][name][kept]
-    return out, kept
-
-
-def encode_generated(tok, prompts: Sequence[str], responses: Sequence[Sequence[int]], max_len: int,
-                     *, drop_long: bool = False):
-    """Examples from generated token ids: the world prompt's ids followed by the response ids.
-
-    Unlike :func:`encode_pairs` nothing is re-tokenised: the response is exactly what the
-    model generated (``responses[i]``: ids up to and including the first end token, or the
-    truncated generation if it never ended; padding removed by the caller).
-
-    Returns:
-      ``(arrays, kept)``: ``{ids, attention_mask, response_mask}`` [N_kept, max_len] int32
-      (right-padded with <pad>) and the kept indices (all, unless ``drop_long`` dropped rows
-      longer than ``max_len``).
-    """
-    _check_count(max_len, "max_len", 2)
+def response_lists(backbone: Backbone, prompts: Sequence[str], responses: Sequence) -> list[list[int]]:
+    """Response ids per prompt: a text becomes the template's assistant turn
+    (:meth:`Backbone.response_ids`), a sequence of ints is used as it is."""
     if len(prompts) != len(responses):
         raise ValueError(f"responses: expected one per prompt ({len(prompts)}), got {len(responses)}")
-    n = len(prompts)
-    ids = np.full((n, max_len), wtok.PAD_ID, np.int32)
-    attn = np.zeros_like(ids)
-    resp = np.zeros_like(ids)
-    keep = np.ones((n,), bool)
+    out = []
     for i, (q, r) in enumerate(zip(prompts, responses)):
-        r = [int(t) for t in r]
-        if not r:
-            raise ValueError(f"responses[{i}]: expected at least one generated token, got none")
-        p = wtok.encode(tok, wtok.format_prompt(q))
-        row = p + r
-        if len(row) > max_len:
-            if drop_long:
-                keep[i] = False
-                continue
-            raise ValueError(f"row {i}: expected at most max_len={max_len} tokens, got {len(row)}")
-        ids[i, : len(row)] = row
-        attn[i, : len(row)] = 1
-        resp[i, len(p): len(row)] = 1
-    kept = np.flatnonzero(keep).astype(np.int64)
-    return {"ids": ids[kept], "attention_mask": attn[kept], "response_mask": resp[kept]}, kept
+        ids = backbone.response_ids(q, r) if isinstance(r, str) else [int(t) for t in r]
+        if not ids:
+            raise ValueError(f"responses[{i}]: expected at least one response token, got none")
+        out.append(ids)
+    return out
 
 
-def through_first_divergence(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]):
-    """Response masks of two aligned examples cut after their first differing response token.
+def _round16(n: int) -> int:
+    return -(-int(n) // 16) * 16
 
-    ``a`` and ``b`` hold ``ids`` and ``response_mask`` [N, T] of the same prompts (so each row's
-    response starts at the same position in both), as :func:`encode_generated` lays them out.
+
+def encode_pairs(backbone: Backbone, prompts: Sequence[str], chosen: Sequence, rejected: Sequence,
+                 max_len: int | None = None, *, drop_long: bool = False):
+    """Encode pairs for ``backbone`` (no references yet: K = 0).
+
+    Args:
+      prompts: the user messages (what :meth:`Backbone.prompt_ids` renders).
+      chosen, rejected: per pair a response text or a list of response ids (:func:`response_lists`).
+      max_len: T (null: the longest pair rounded up to a multiple of 16).
+      drop_long: drop pairs with a side longer than ``max_len`` instead of raising.
+    Returns:
+      ``(PreferencePairs, kept)``: ``kept`` [N_kept] int64 indices of the encoded pairs.
+    """
+    c = response_lists(backbone, prompts, chosen)
+    r = response_lists(backbone, prompts, rejected)
+    plen: dict[str, int] = {}
+    need = []
+    for q, a, b in zip(prompts, c, r):
+        if q not in plen:
+            plen[q] = len(backbone.prompt_ids(q))
+        need.append(plen[q] + max(len(a), len(b)))
+    need = np.asarray(need, np.int64)
+    if max_len is None:
+        T = _round16(max(int(need.max()) if need.size else 2, 2))
+    else:
+        T = _check_count(max_len, "max_len", 2)
+    long = need > T
+    if long.any() and not drop_long:
+        i = int(np.flatnonzero(long)[0])
+        raise ValueError(f"pair {i}: needs {int(need[i])} tokens, more than max_len={T}")
+    kept = np.flatnonzero(~long).astype(np.int64)
+    qs = [prompts[i] for i in kept]
+    sides = [backbone.encode_pairs(qs, [resp[i] for i in kept], T) for resp in (c, r)]
+    return PreferencePairs.build(sides[0], sides[1]), kept
+
+
+def through_first_divergence(pairs: PreferencePairs) -> PreferencePairs:
+    """The pairs with both response masks cut after the first differing response token.
+
     Row i keeps its response tokens up to and including position d_i, the first response
-    position where the two differ (a different token, or one response already ended). The
-    shared prefix contributes identically to both sides of a pairwise margin, so a loss on
+    position where the two sides differ (a different token, or one response already ended).
+    The shared prefix contributes identically to both sides of a pairwise margin, so a loss on
     the cut masks contrasts the single token where the two responses part, and none of the
     tokens that follow it. Rows whose responses are identical raise ValueError.
-
-    Returns ``(mask_a, mask_b)`` int32 [N, T].
     """
-    ids_a, ids_b = np.asarray(a["ids"]), np.asarray(b["ids"])
-    ma, mb = np.asarray(a["response_mask"]).astype(bool), np.asarray(b["response_mask"]).astype(bool)
-    if not (ids_a.shape == ids_b.shape == ma.shape == mb.shape) or ids_a.ndim != 2:
-        raise ValueError(f"ids/response_mask: expected four [N, T] arrays of one shape, got "
-                         f"{[x.shape for x in (ids_a, ma, ids_b, mb)]}")
+    ids_a, ids_b = np.asarray(pairs.chosen_ids), np.asarray(pairs.rejected_ids)
+    ma = np.asarray(pairs.chosen_response_mask).astype(bool)
+    mb = np.asarray(pairs.rejected_response_mask).astype(bool)
     if not (ma.any(axis=1).all() and mb.any(axis=1).all()):
         raise ValueError("response_mask: expected at least one response token in every row")
     start = ma.argmax(axis=1)
@@ -324,176 +392,124 @@ def through_first_divergence(a: Mapping[str, np.ndarray], b: Mapping[str, np.nda
     same = np.flatnonzero(~differ.any(axis=1))
     if same.size:
         raise ValueError(f"row {same[0]}: the two responses are identical; expected them to differ")
-    d = differ.argmax(axis=1)[:, None]
-    keep = pos <= d
-    return (ma & keep).astype(np.int32), (mb & keep).astype(np.int32)
+    keep = pos <= differ.argmax(axis=1)[:, None]
+    return dataclasses.replace(pairs, chosen_response_mask=(ma & keep).astype(np.int32),
+                               rejected_response_mask=(mb & keep).astype(np.int32))
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def pair_logprobs(model, pairs: PreferencePairs):
+    """([B], [B]) summed response log-probs of the chosen and rejected sides under ``model``,
+    from one forward of the stacked [2B, T] batch (traceable: what a train step calls)."""
+    ids = jnp.concatenate([pairs.chosen_ids, pairs.rejected_ids])
+    attn = jnp.concatenate([pairs.chosen_attention_mask, pairs.rejected_attention_mask])
+    resp = jnp.concatenate([pairs.chosen_response_mask, pairs.rejected_response_mask])
+    lp, m = lm.response_token_logprobs(model, ids, attn, resp)
+    s = jnp.sum(lp * m, axis=-1)
+    b = pairs.chosen_ids.shape[0]
+    return s[:b], s[b:]
+
+
+def pair_sequence_logprobs(model, pairs: PreferencePairs, batch_size: int = 64):
+    """Host float32 ([N], [N]) sequence log-probs of both sides, in fixed-size jitted batches."""
+    out = []
+    for side in _SIDES:
+        lp, _ = lm.sequence_logprobs(model, *pairs.side(side), batch_size=batch_size)
+        out.append(np.asarray(lp, np.float32))
+    return out[0], out[1]
+
+
+def pair_batches(pairs: PreferencePairs, batch_size: int, seed: int):
+    """``epoch -> iterator of PreferencePairs`` batches of ``batch_size`` rows (a fresh seeded
+    permutation per epoch, :func:`swiftjax.batching.epoch_batches`); ``.steps_per_epoch``."""
+    inner = epoch_batches(pairs.arrays(), batch_size, seed)
+
+    def batches(epoch: int):
+        for b in inner(epoch):
+            yield PreferencePairs(**b, ref_names=pairs.ref_names)
+
+    batches.steps_per_epoch = inner.steps_per_epoch
+    return batches
 
 
 # ----------------------------------------------------------------------------- references
 
 
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    """A reference model with its own tokenizer.
+def _tokenisation(b: Backbone) -> tuple:
+    return (b.tokenizer.to_str(), b.template, b.system, tuple(b.eos_ids), b.bos_token)
 
-    name: a label (stored in ``ref_names``). model: an NNX causal LM (``model(ids, mask).logits``).
-    tokenizer: what ``encode`` takes. encode: ``encode(tokenizer, prompts, responses,
-    max_len) -> (ids, attention_mask, response_mask)`` [n, max_len]; default the world chat
-    template. max_len: this reference's padded length (None: the caller's).
+
+def same_tokenisation(a: Backbone, b: Backbone) -> bool:
+    """True when two backbones turn (prompt, response) texts into the same ids: the same
+    tokenizer, template, system message and end-of-turn ids."""
+    return a is b or _tokenisation(a) == _tokenisation(b)
+
+
+def reference_logprobs(ref: Backbone, policy: Backbone, pairs: PreferencePairs, prompts: Sequence[str],
+                       chosen: Sequence[str], rejected: Sequence[str], *, batch_size: int = 64):
+    """Host float32 ([N], [N]) sequence log-probs of both sides of ``pairs`` under ``ref``.
+
+    ``pairs`` were encoded for ``policy`` from ``prompts`` and responses whose texts are
+    ``chosen`` / ``rejected``. When ``ref`` tokenises like ``policy`` (:func:`same_tokenisation`)
+    its log-probs are those of the policy's ids; otherwise the texts are encoded with the
+    reference's own tokenizer and template (:func:`encode_pairs`) and scored there.
     """
-
-    name: str
-    model: Any
-    tokenizer: Any
-    encode: EncodeFn | None = None
-    max_len: int | None = None
-
-    def encode_fn(self) -> EncodeFn:
-        return self.encode or wtok.encode_examples
-
-
-def _tok_repr(tok) -> str | None:
-    if hasattr(tok, "to_str"):  # tokenizers.Tokenizer
-        return tok.to_str()
-    inner = getattr(tok, "backend_tokenizer", None)  # transformers fast tokenizer
-    if inner is not None and hasattr(inner, "to_str"):
-        return inner.to_str()
-    return None
-
-
-def same_tokenizer(a, b) -> bool:
-    """True when two tokenizers are the same object or serialise to the same JSON."""
-    if a is b:
-        return True
-    ra, rb = _tok_repr(a), _tok_repr(b)
-    return ra is not None and ra == rb
+    n = len(pairs)
+    if not (len(prompts) == len(chosen) == len(rejected) == n):
+        raise ValueError(f"prompts / chosen / rejected: expected {n} each (one per pair), got "
+                         f"{len(prompts)}, {len(chosen)}, {len(rejected)}")
+    if n == 0:
+        return np.zeros((0,), np.float32), np.zeros((0,), np.float32)
+    if not same_tokenisation(ref, policy):
+        bad = [i for i, t in enumerate(list(chosen) + list(rejected)) if not isinstance(t, str)]
+        if bad:
+            raise ValueError("reference on another tokenisation: expected response texts, got ids")
+        pairs, _ = encode_pairs(ref, prompts, chosen, rejected)
+    vocab = int(ref.config.vocab_size)
+    for side in _SIDES:
+        ids = np.asarray(getattr(pairs, f"{side}_ids"))
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"reference {ref.path}: token ids outside its vocabulary of {vocab} "
+                             f"(min {ids.min()}, max {ids.max()}): a tokenizer mismatch")
+    return pair_sequence_logprobs(ref.model, pairs, batch_size)
 
 
-def reference_logprobs(ref: Reference, prompts: Sequence[str], responses: Sequence[str], *,
-                       max_len: int | None = None, batch_size: int = 64, shared=None) -> np.ndarray:
-    """[N] float32 summed response-token log-probs of each (prompt, response) under ``ref``.
-
-    The texts are encoded with the reference's own tokenizer and encode function, unless
-    ``shared = (ids, attention_mask, response_mask)`` is given: those arrays (already encoded
-    with the same tokenizer and encode function) are then used as they are.
-    """
-    from swiftjax.logprobs import sequence_logprobs
-
-    if not isinstance(ref, Reference):
-        raise ValueError(f"ref: expected a prefs.Reference, got {type(ref).__name__}")
-    if len(prompts) != len(responses):
-        raise ValueError(f"responses: expected one per prompt ({len(prompts)}), got {len(responses)}")
-    if shared is None:
-        T = ref.max_len or max_len
-        if T is None:
-            raise ValueError(f"reference {ref.name!r}: expected max_len (on the Reference or as an argument)")
-        arrs, _ = _encode_rows(ref.tokenizer, list(prompts), list(responses), T, ref.encode_fn(), False)
-        shared = (arrs["ids"], arrs["attention_mask"], arrs["response_mask"])
-    ids, attn, resp = (np.asarray(a) for a in shared)
-    if ids.shape[0] != len(prompts):
-        raise ValueError(f"shared: expected {len(prompts)} rows, got {ids.shape[0]}")
-    vocab = ref.model.config.vocab_size
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        raise ValueError(f"reference {ref.name!r}: token ids outside its vocabulary of {vocab} "
-                         f"(min {ids.min()}, max {ids.max()}): a tokenizer mismatch")
-    if len(prompts) == 0:
-        return np.zeros((0,), np.float32)
-    lp, _ = sequence_logprobs(ref.model, ids, attn, resp, batch_size=batch_size)
-    return np.asarray(lp, np.float32)
+# ----------------------------------------------------------------------------- storage
 
 
-def pair_reference_logprobs(refs: Sequence[Reference], pairs: Sequence[Mapping], encoded: Mapping,
-                            policy_tok, *, policy_encode: EncodeFn | None = None,
-                            max_len: int | None = None, batch_size: int = 64):
-    """Reference log-probs of both sides of every pair.
-
-    Args:
-      refs: K references (index 0 = the primary one, by convention the policy's init).
-      pairs: the N pairs (after any dropping) that ``encoded`` holds, in the same order.
-      encoded: the policy-side arrays from :func:`encode_pairs` (reused by references that
-        share ``policy_tok`` and ``policy_encode``: the fast path).
-      policy_tok, policy_encode: the tokenizer / encode function ``encoded`` was made with.
-    Returns:
-      ``(ref_chosen, ref_rejected)``, each [K, N] float32.
-    """
-    _check_pairs(pairs)
-    if not refs:
-        raise ValueError("refs: expected at least one reference, got none")
-    names = [r.name for r in refs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"refs: expected distinct names, got {names}")
-    policy_encode = policy_encode or wtok.encode_examples
-    N = len(pairs)
-    prompts = [p["prompt"] for p in pairs]
-    out = {s: np.zeros((len(refs), N), np.float32) for s in _SIDES}
-    for k, ref in enumerate(refs):
-        fast = same_tokenizer(ref.tokenizer, policy_tok) and ref.encode_fn() is policy_encode \
-            and (ref.max_len is None or ref.max_len == encoded["chosen_ids"].shape[1])
-        for side in _SIDES:
-            shared = tuple(encoded[f"{side}_{n}"] for n in _ENC) if fast else None
-            out[side][k] = reference_logprobs(ref, prompts, [p[side] for p in pairs], max_len=max_len,
-                                              batch_size=batch_size, shared=shared)
-    return out["chosen"], out["rejected"]
-
-
-def build_pair_data(tok, pairs: Sequence[Mapping], refs: Sequence[Reference], max_len: int, *,
-                    encode: EncodeFn | None = None, drop_long: bool = True,
-                    batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Encode pairs with the policy tokenizer and add every reference's log-probs.
-
-    Returns the dict of arrays described in the module docstring (pairs too long for
-    ``max_len`` are dropped when ``drop_long``)."""
-    encoded, kept = encode_pairs(tok, pairs, max_len, encode=encode, drop_long=drop_long)
-    pairs = [pairs[i] for i in kept]
-    ref_w, ref_l = pair_reference_logprobs(refs, pairs, encoded, tok, policy_encode=encode,
-                                           max_len=max_len, batch_size=batch_size)
-    data = {
-        "prompt_id": np.array([p["prompt_id"] for p in pairs], dtype=np.str_),
-        "prompt": np.array([p["prompt"] for p in pairs], dtype=np.str_),
-        "chosen": np.array([p["chosen"] for p in pairs], dtype=np.str_),
-        "rejected": np.array([p["rejected"] for p in pairs], dtype=np.str_),
-        "chosen_index": np.array([p["chosen_index"] for p in pairs], dtype=np.int64),
-        "rejected_index": np.array([p["rejected_index"] for p in pairs], dtype=np.int64),
-        **encoded,
-        "ref_names": np.array([r.name for r in refs], dtype=np.str_),
-        "ref_chosen": ref_w,
-        "ref_rejected": ref_l,
-    }
-    return data
-
-
-def take_pairs(data: Mapping[str, np.ndarray], index) -> dict[str, np.ndarray]:
-    """The rows ``index`` of stored pair data (every per-pair array; ``ref_*`` along axis 1)."""
-    index = np.asarray(index)
-    out = {}
-    for k, v in data.items():
-        if k == "ref_names":
-            out[k] = v
-        elif k.startswith("ref_"):
-            out[k] = v[:, index]
-        else:
-            out[k] = v[index]
-    return out
-
-
-def save_pair_data(path, data: Mapping[str, np.ndarray]) -> Path:
-    """Write ``data`` with ``np.savez`` atomically (a temp file in the same folder, then
-    ``os.replace``); object arrays are refused (the file must load without pickle)."""
+def save_pairs(path, pairs: PreferencePairs, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the pairs (and ``extra`` per-pair or scalar arrays: records, flags, a meta string)
+    as one ``.npz``, atomically; object arrays are refused (the file loads without pickle)."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"path: expected a .npz file name, got {path}")
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & (set(_ARRAYS) | {"ref_names"}))
+    if clash:
+        raise ValueError(f"extra: keys {clash} are the pairs' own fields")
+    data = {**{k: np.asarray(v) for k, v in pairs.arrays().items()},
+            "ref_names": np.array(list(pairs.ref_names), dtype=np.str_),
+            **{k: np.asarray(v) for k, v in extra.items()}}
     for k, v in data.items():
-        if np.asarray(v).dtype == object:
+        if v.dtype == object:
             raise ValueError(f"data[{k!r}]: expected a numeric or unicode array, got dtype object")
     with atomic_file(path, "wb", suffix=".npz") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in data.items()})
+        np.savez(f, **data)
     return path
 
 
-def load_pair_data(path) -> dict[str, np.ndarray]:
-    """The arrays :func:`save_pair_data` wrote (no pickle)."""
+def load_pairs(path) -> tuple[PreferencePairs, dict[str, np.ndarray]]:
+    """``(pairs, extra)`` as :func:`save_pairs` wrote them (no pickle)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"path: expected a pair-data .npz file, {path} does not exist")
     with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        data = {k: z[k] for k in z.files}
+    missing = [k for k in (*_ARRAYS, "ref_names") if k not in data]
+    if missing:
+        raise ValueError(f"{path}: not a pair file (missing {missing})")
+    pairs = PreferencePairs(**{k: data.pop(k) for k in _ARRAYS},
+                            ref_names=tuple(str(x) for x in data.pop("ref_names").tolist())).check()
+    return pairs, data

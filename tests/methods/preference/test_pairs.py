@@ -1,17 +1,19 @@
-"""Preference pairs: construction, prompt split, encoding, reference log-probs on each
-reference's own tokenisation (two different tokenizers), atomic storage."""
+"""Preference pairs: construction, prompt split, the one encoded pair type (on HF chat
+backbones), reference log-probs on each reference's own tokenisation (two different chat
+templates and tokenizers), atomic storage."""
 from __future__ import annotations
 
 import itertools
 import random
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
+from hf_tiny import save_tiny_chat_model
 
+from swiftjax.backbone import load_backbone
 from swiftjax.methods.preference import pairs as prefs
-from swiftjax.world import tokenizer as wtok
-from swiftjax.models.config import ModelConfig
-from swiftjax.models.registry import create_model
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -120,178 +122,160 @@ def test_make_pairs_bad_inputs():
         prefs.make_pairs(bad, 2)
 
 
-# ----------------------------------------------------------------------------- encoding
+# ----------------------------------------------------------------------------- backbones
 
 
-def test_encode_pairs_matches_world_encoder_and_drops_long():
-    tok = wtok.build_tokenizer()
-    pairs = prefs.make_pairs(_rows(n_prompts=6), 3, seed=0)
-    arrs, kept = prefs.encode_pairs(tok, pairs, 64)
-    assert len(kept) == len(pairs)
-    for side in ("chosen", "rejected"):
-        ids, attn, resp = wtok.encode_examples(tok, [p["prompt"] for p in pairs], [p[side] for p in pairs], 64)
-        np.testing.assert_array_equal(arrs[f"{side}_ids"], ids)
-        np.testing.assert_array_equal(arrs[f"{side}_attention_mask"], attn)
-        np.testing.assert_array_equal(arrs[f"{side}_response_mask"], resp)
-    long = dict(pairs[1], rejected=pairs[1]["rejected"] + " pad" * 80)
-    arrs2, kept2 = prefs.encode_pairs(tok, [pairs[0], long, pairs[2]], 64, drop_long=True)
-    assert kept2.tolist() == [0, 2]
-    np.testing.assert_array_equal(arrs2["chosen_ids"], arrs["chosen_ids"][[0, 2]])
+@pytest.fixture(scope="module")
+def chat_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    return {arch: save_tiny_chat_model(arch, root / arch, seed=i)[0] for i, arch in enumerate(("qwen2", "llama3"))}
+
+
+@pytest.fixture(scope="module")
+def qwen(chat_dirs):
+    return load_backbone(str(chat_dirs["qwen2"]))
+
+
+@pytest.fixture(scope="module")
+def llama(chat_dirs):
+    return load_backbone(str(chat_dirs["llama3"]))
+
+
+def _toy_pairs(n=5):
+    rows = _rows(n_prompts=n, n=4, seed=2)
+    return prefs.make_pairs(rows, 1, seed=0)
+
+
+# ----------------------------------------------------------------------------- the pair type
+
+
+def test_encode_pairs_layout_matches_the_backbone(qwen):
+    """Right padding, the prompt first, both sides of a row laid out alike; texts become the
+    template's assistant turn, ids are used as they are."""
+    recs = _toy_pairs()
+    prompts = [p["prompt"] for p in recs]
+    gen = [[5, 6, 7]] * len(recs)
+    pairs, kept = prefs.encode_pairs(qwen, prompts, [p["chosen"] for p in recs], gen)
+    assert kept.tolist() == list(range(len(recs))) and len(pairs) == len(recs)
+    assert pairs.max_len % 16 == 0 and pairs.ref_chosen.shape == (len(recs), 0)
+    for i, p in enumerate(recs):
+        pr = qwen.prompt_ids(p["prompt"])
+        resp = qwen.response_ids(p["prompt"], p["chosen"])
+        n = len(pr) + len(resp)
+        assert pairs.chosen_ids[i, :n].tolist() == pr + resp
+        assert np.all(pairs.chosen_ids[i, n:] == qwen.pad_id)
+        assert pairs.chosen_attention_mask[i].tolist() == [1] * n + [0] * (pairs.max_len - n)
+        assert pairs.chosen_response_mask[i].tolist() == [0] * len(pr) + [1] * len(resp) + [0] * (pairs.max_len - n)
+        assert resp[-1] in qwen.eos_ids
+        m = len(pr) + 3
+        assert pairs.rejected_ids[i, :m].tolist() == pr + [5, 6, 7]
+        assert pairs.rejected_response_mask[i].tolist() == [0] * len(pr) + [1] * 3 + [0] * (pairs.max_len - m)
+    # an explicit width: too-long pairs are dropped (or raise)
+    long = [gen[0]] + [list(range(3, 3 + 400))] + gen[2:]
+    short, kept = prefs.encode_pairs(qwen, prompts, [p["chosen"] for p in recs], long, 256, drop_long=True)
+    assert kept.tolist() == [0] + list(range(2, len(recs))) and short.max_len == 256
+    np.testing.assert_array_equal(short.chosen_ids[:, :pairs.max_len], pairs.chosen_ids[kept])
     with pytest.raises(ValueError, match="max_len"):
-        prefs.encode_pairs(tok, [long], 64)
+        prefs.encode_pairs(qwen, prompts, [p["chosen"] for p in recs], long, 256)
+    with pytest.raises(ValueError, match="at least one response token"):
+        prefs.encode_pairs(qwen, prompts[:1], [[]], [[3]])
 
 
-def test_encode_generated():
-    tok = wtok.build_tokenizer()
-    qs = ["What is 2 + 3?", "Mia has 4 pens."]
-    gen = [[17, 18, wtok.END_ID], [20, 21, 22, 23]]
-    arrs, kept = prefs.encode_generated(tok, qs, gen, 40)
-    assert kept.tolist() == [0, 1]
-    for i, (q, g) in enumerate(zip(qs, gen)):
-        p = wtok.encode(tok, wtok.format_prompt(q))
-        n = len(p) + len(g)
-        assert arrs["ids"][i, :n].tolist() == p + g
-        assert np.all(arrs["ids"][i, n:] == wtok.PAD_ID)
-        assert arrs["attention_mask"][i].tolist() == [1] * n + [0] * (40 - n)
-        assert arrs["response_mask"][i].tolist() == [0] * len(p) + [1] * len(g) + [0] * (40 - n)
-    arrs, kept = prefs.encode_generated(tok, qs, [gen[0], list(range(10, 50))], 40, drop_long=True)
-    assert kept.tolist() == [0]
-    with pytest.raises(ValueError, match="max_len"):
-        prefs.encode_generated(tok, qs, [gen[0], list(range(10, 50))], 40)
+def test_pair_type_views_and_checks(qwen):
+    recs = _toy_pairs()
+    prompts = [p["prompt"] for p in recs]
+    pairs, _ = prefs.encode_pairs(qwen, prompts, [p["chosen"] for p in recs], [p["rejected"] for p in recs])
+    n = len(pairs)
+    rc, rr = np.arange(2 * n, dtype=np.float32).reshape(n, 2), -np.ones((n, 2), np.float32)
+    withr = pairs.with_refs(["a", "b"], rc, rr)
+    assert withr.ref_names == ("a", "b") and withr.ref_chosen.shape == (n, 2)
+    sel = withr.select_refs([1])
+    assert sel.ref_names == ("b",) and sel.ref_chosen[:, 0].tolist() == rc[:, 1].tolist()
+    sub = withr.take([2, 0])
+    assert len(sub) == 2 and sub.ref_chosen.tolist() == rc[[2, 0]].tolist()
+    np.testing.assert_array_equal(sub.rejected_ids, pairs.rejected_ids[[2, 0]])
+    with pytest.raises(ValueError, match="distinct"):
+        withr.with_refs(["a"], rc[:, :1], rr[:, :1])
+    with pytest.raises(ValueError, match=r"\[N, k\]"):
+        pairs.with_refs(["a"], rc, rr)
+    bad = prefs.PreferencePairs(**{**pairs.arrays(), "rejected_ids": pairs.rejected_ids[:, :-1]})
+    with pytest.raises(ValueError, match="rejected_ids"):
+        bad.check()
+    # a batch is a pytree: the arrays are leaves, the names static
+    leaves, _ = jax.tree_util.tree_flatten(withr)
+    assert len(leaves) == 8
 
 
-# ----------------------------------------------------------------------------- references
-
-
-_SPECIAL = ("<pad>", "<bos>", "<eos>", "<unk>", "<sep>")
-
-
-def _char_tokenizer():
-    """A character-level tokenizer (one token per printable ASCII char / whitespace)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
-
-    chars = [" ", "\n", "\t"] + [chr(c) for c in range(ord("!"), ord("~") + 1)]
-    vocab = {t: i for i, t in enumerate(list(_SPECIAL) + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIAL])
-    return tok
-
-
-def _char_encode(tok, prompts, responses, max_len):
-    """<bos> prompt chars <sep> response chars <eos>; response mask on the response + <eos>."""
-    n = len(prompts)
-    ids = np.zeros((n, max_len), np.int32)
-    attn, resp = np.zeros_like(ids), np.zeros_like(ids)
-    for i, (q, s) in enumerate(zip(prompts, responses)):
-        p = [1] + tok.encode(q, add_special_tokens=False).ids + [4]
-        r = tok.encode(s, add_special_tokens=False).ids + [2]
-        if len(p) + len(r) > max_len:
-            raise ValueError(f"row {i}: too long for max_len={max_len}")
-        ids[i, : len(p) + len(r)] = p + r
-        attn[i, : len(p) + len(r)] = 1
-        resp[i, len(p): len(p) + len(r)] = 1
-    return ids, attn, resp
-
-
-def _model(vocab, seed):
-    cfg = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=32, num_layers=1, num_heads=2,
-                      num_kv_heads=2, head_dim=16, intermediate_size=64, max_position_embeddings=512,
-                      tie_word_embeddings=True)
-    return create_model(cfg, seed=seed)
-
-
-def _own_logprobs(model, seqs):
-    """Teacher-forced log-probs of each (token list, response mask) in float64 numpy.
-
-    The rows are stacked with trailing padding and run with no attention mask at all: the
-    model is causal, so what follows a row's last token cannot change its logits."""
-    T = max(len(q) for q, _ in seqs)
-    ids = np.zeros((len(seqs), T), np.int32)
-    for i, (q, _) in enumerate(seqs):
-        ids[i, : len(q)] = q
-    logits = np.asarray(model(ids).logits, np.float64)  # [N, T, V]
+def _np_logprobs(model, ids, attn, resp):
+    """Teacher-forced summed response log-probs in float64 numpy. The rows run with no
+    attention mask at all: the model is causal, so what follows a row's last token (its
+    padding) cannot change the logits of its own tokens."""
+    gd, st = nnx.split(model)
+    logits = jax.jit(lambda s, x: nnx.merge(gd, s)(x).logits)(st, np.asarray(ids))  # [N, T, V], one call
+    logits = np.asarray(logits, np.float64)
     out = []
-    for i, (q, m) in enumerate(seqs):
-        lg = logits[i, : len(q)]
+    for i in range(ids.shape[0]):
+        n = int(attn[i].sum())
+        q, lg = ids[i, :n], logits[i, :n]
         logz = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
-        lp = lg[np.arange(len(q) - 1), q[1:]] - logz[:-1]
-        out.append(float((lp * np.asarray(m[1:])).sum()))
+        lp = lg[np.arange(n - 1), q[1:]] - logz[:-1]
+        out.append(float((lp * resp[i, 1:n]).sum()))
     return np.array(out)
 
 
-def test_reference_logprobs_on_own_tokenisation():
-    wt = wtok.build_tokenizer()
-    ct = _char_tokenizer()
-    assert not prefs.same_tokenizer(wt, ct) and prefs.same_tokenizer(wt, wtok.build_tokenizer())
-    rows = _rows(n_prompts=4, n=4, seed=2)
-    pairs = prefs.make_pairs(rows, 1, seed=0)
-    assert len(pairs) >= 3
-    m_world = _model(wt.get_vocab_size(), 0)
-    m_char = _model(ct.get_vocab_size(), 1)
-    refs = [prefs.Reference("world", m_world, wt),
-            prefs.Reference("char", m_char, ct, encode=_char_encode, max_len=96)]
-    data = prefs.build_pair_data(wt, pairs, refs, max_len=48, batch_size=4)
-    N = len(pairs)
-    assert data["ref_chosen"].shape == (2, N) and data["ref_rejected"].shape == (2, N)
-    assert data["ref_names"].tolist() == ["world", "char"]
-    for side, key in (("chosen", "ref_chosen"), ("rejected", "ref_rejected")):
-        w_seqs, c_seqs = [], []
-        for p in pairs:
-            # the world model on the world tokenisation
-            ids, _, resp = wtok.encode_examples(wt, [p["prompt"]], [p[side]], 48)
-            n = int((ids[0] != wtok.PAD_ID).sum())
-            w_seqs.append((ids[0, :n].tolist(), resp[0, :n].tolist()))
-            # the char model on its own character tokenisation
-            cids, cattn, cresp = _char_encode(ct, [p["prompt"]], [p[side]], 96)
-            n = int(cattn[0].sum())
-            c_seqs.append((cids[0, :n].tolist(), cresp[0, :n].tolist()))
-        np.testing.assert_allclose(data[key][0], _own_logprobs(m_world, w_seqs), rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(data[key][1], _own_logprobs(m_char, c_seqs), rtol=1e-5, atol=1e-4)
-    # the char tokenisation is really different (more tokens than the world one)
-    assert cattn.sum() > (ids != 0).sum()
-    # the fast path (shared ids) equals encoding again with the reference's own tokenizer
-    slow = prefs.reference_logprobs(refs[0], [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
-                                    max_len=48, batch_size=4)
-    np.testing.assert_allclose(slow, data["ref_chosen"][0], rtol=1e-6, atol=1e-6)
-
-
-def test_reference_tokenizer_mismatch_raises():
-    wt = wtok.build_tokenizer()
-    ct = _char_tokenizer()
-    small = _model(ct.get_vocab_size(), 0)  # vocab 103 < world ids
-    ids, attn, resp = wtok.encode_examples(wt, ["Ella has 7 apples and 3 pears."], ["Answer: 10"], 32)
-    ref = prefs.Reference("char", small, ct, encode=_char_encode)
-    with pytest.raises(ValueError, match="tokenizer mismatch"):
-        prefs.reference_logprobs(ref, ["q"], ["a"], shared=(ids, attn, resp))
-    with pytest.raises(ValueError, match="max_len"):
-        prefs.reference_logprobs(ref, ["q"], ["a"])
-    with pytest.raises(ValueError, match="distinct names"):
-        prefs.pair_reference_logprobs([ref, ref], [], {"chosen_ids": ids}, wt)
+def test_reference_logprobs_on_own_tokenisation(qwen, llama, chat_dirs):
+    """A reference with another tokenizer and template scores the pair texts on its own
+    encoding; one with the same tokenisation reuses the policy's ids."""
+    assert not prefs.same_tokenisation(qwen, llama)
+    again = load_backbone(str(chat_dirs["qwen2"]))
+    assert prefs.same_tokenisation(qwen, again)
+    recs = _toy_pairs()
+    prompts, ch, rj = [p["prompt"] for p in recs], [p["chosen"] for p in recs], [p["rejected"] for p in recs]
+    pairs, _ = prefs.encode_pairs(qwen, prompts, ch, rj)
+    lw, ll = prefs.reference_logprobs(llama, qwen, pairs, prompts, ch, rj, batch_size=2)
+    own, _ = prefs.encode_pairs(llama, prompts, ch, rj)
+    assert not np.array_equal(own.chosen_ids[:, :8], pairs.chosen_ids[:, :8])  # really another encoding
+    np.testing.assert_allclose(lw, _np_logprobs(llama.model, *own.side("chosen")), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(ll, _np_logprobs(llama.model, *own.side("rejected")), rtol=1e-5, atol=1e-4)
+    fw, fl = prefs.reference_logprobs(again, qwen, pairs, prompts, ch, rj, batch_size=4)
+    np.testing.assert_allclose(fw, _np_logprobs(qwen.model, *pairs.side("chosen")), rtol=1e-5, atol=1e-4)
+    # on another tokenisation, generated ids cannot be re-used: texts are needed
+    with pytest.raises(ValueError, match="texts"):
+        prefs.reference_logprobs(llama, qwen, pairs, prompts, [[3]] * len(recs), rj)
+    with pytest.raises(ValueError, match="one per pair"):
+        prefs.reference_logprobs(llama, qwen, pairs, prompts[:1], ch, rj)
 
 
 # ----------------------------------------------------------------------------- storage
 
 
-def test_save_load_roundtrip_atomic(tmp_path):
-    data = {"prompt_id": np.array(["a", "bb"]), "chosen_ids": np.arange(6, dtype=np.int32).reshape(2, 3),
-            "ref_names": np.array(["x"]), "ref_chosen": np.array([[0.5, -1.0]], np.float32)}
-    path = prefs.save_pair_data(tmp_path / "sub" / "pairs.npz", data)
-    back = prefs.load_pair_data(path)
-    assert sorted(back) == sorted(data)
-    for k in data:
-        np.testing.assert_array_equal(back[k], data[k])
-        assert back[k].dtype == data[k].dtype
+def test_save_load_roundtrip_atomic(tmp_path, qwen):
+    recs = _toy_pairs()
+    prompts = [p["prompt"] for p in recs]
+    pairs, _ = prefs.encode_pairs(qwen, prompts, [p["chosen"] for p in recs], [[4, 5]] * len(recs))
+    pairs = pairs.with_refs(["x"], np.full((len(recs), 1), -2.5), np.full((len(recs), 1), -3.0))
+    extra = {"prompt_id": np.array([p["prompt_id"] for p in recs]), "meta": np.array("{}")}
+    path = prefs.save_pairs(tmp_path / "sub" / "pairs.npz", pairs, extra)
+    back, bextra = prefs.load_pairs(path)
+    assert back.ref_names == ("x",) and sorted(bextra) == ["meta", "prompt_id"]
+    for k, v in pairs.arrays().items():
+        np.testing.assert_array_equal(getattr(back, k), v)
+    assert bextra["prompt_id"].tolist() == extra["prompt_id"].tolist()
     assert [p.name for p in path.parent.iterdir()] == ["pairs.npz"]  # no temp file left
-    sub = prefs.take_pairs(back, [1])
-    assert sub["prompt_id"].tolist() == ["bb"] and sub["ref_chosen"].tolist() == [[-1.0]]
     with pytest.raises(ValueError, match="dtype object"):
-        prefs.save_pair_data(tmp_path / "o.npz", {"x": np.array([{}, None], dtype=object)})
+        prefs.save_pairs(tmp_path / "o.npz", pairs, {"x": np.array([{}, None], dtype=object)})
     assert not (tmp_path / "o.npz").exists() and not list(tmp_path.glob(".o.*"))
+    with pytest.raises(ValueError, match="own fields"):
+        prefs.save_pairs(tmp_path / "o.npz", pairs, {"chosen_ids": np.zeros(2)})
     with pytest.raises(ValueError, match=".npz"):
-        prefs.save_pair_data(tmp_path / "o.txt", data)
+        prefs.save_pairs(tmp_path / "o.txt", pairs)
     with pytest.raises(ValueError, match="does not exist"):
-        prefs.load_pair_data(tmp_path / "missing.npz")
+        prefs.load_pairs(tmp_path / "missing.npz")
+
+
+def _pairs_of(ids_a, ma, ids_b, mb):
+    attn_a, attn_b = (ids_a != 0).astype(np.int32), (ids_b != 0).astype(np.int32)
+    return prefs.PreferencePairs.build((ids_a, np.maximum(attn_a, ma), ma), (ids_b, np.maximum(attn_b, mb), mb))
 
 
 def _np_through_first_divergence(ids_a, ma, ids_b, mb):
@@ -327,8 +311,8 @@ def test_through_first_divergence_matches_a_loop_on_random_pairs():
         ids_a[i, :p] = ids_b[i, :p] = 7
         ids_a[i, p:p + la], ids_b[i, p:p + lb] = a, b
         ma[i, p:p + la], mb[i, p:p + lb] = 1, 1
-    got_a, got_b = prefs.through_first_divergence({"ids": ids_a, "response_mask": ma},
-                                                  {"ids": ids_b, "response_mask": mb})
+    cut = prefs.through_first_divergence(_pairs_of(ids_a, ma, ids_b, mb))
+    got_a, got_b = cut.chosen_response_mask, cut.rejected_response_mask
     want_a, want_b = _np_through_first_divergence(ids_a, ma, ids_b, mb)
     np.testing.assert_array_equal(got_a, want_a)
     np.testing.assert_array_equal(got_b, want_b)
@@ -339,12 +323,9 @@ def test_through_first_divergence_errors():
     ids = np.array([[7, 3, 4, 0]], np.int32)
     m = np.array([[0, 1, 1, 0]], np.int32)
     with pytest.raises(ValueError, match="identical"):
-        prefs.through_first_divergence({"ids": ids, "response_mask": m}, {"ids": ids.copy(), "response_mask": m})
+        prefs.through_first_divergence(_pairs_of(ids, m, ids.copy(), m))
     with pytest.raises(ValueError, match="different positions"):
-        prefs.through_first_divergence({"ids": ids, "response_mask": m},
-                                       {"ids": ids, "response_mask": np.array([[0, 0, 1, 1]], np.int32)})
-    with pytest.raises(ValueError, match="one shape"):
-        prefs.through_first_divergence({"ids": ids, "response_mask": m}, {"ids": ids[:, :3], "response_mask": m})
+        prefs.through_first_divergence(_pairs_of(ids, m, np.array([[7, 3, 4, 5]], np.int32),
+                                                  np.array([[0, 0, 1, 1]], np.int32)))
     with pytest.raises(ValueError, match="at least one response token"):
-        prefs.through_first_divergence({"ids": ids, "response_mask": m},
-                                       {"ids": ids, "response_mask": np.zeros_like(m)})
+        prefs.through_first_divergence(_pairs_of(ids, m, ids, np.zeros_like(m)))
