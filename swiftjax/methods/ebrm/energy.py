@@ -1,6 +1,6 @@
 """EBRM: an energy-based refinement of a frozen reward model's scalar reward.
 
-Pure numeric core (no RM forward, no data pipeline). Spec: shared/specs/ebrm.md.
+Pure numeric core (no RM forward, no data pipeline). The method: docs/ebrm.md.
 
 Given a response's embedding ``e`` (the input of the base RM's scalar head) and its reward
 ``r0``, a small network ``f(e, r)`` (``f = -energy``, so ``p(r | e) ∝ exp f``) is trained with
@@ -127,9 +127,15 @@ def init_params(key: jax.Array, cfg: EBRMConfig) -> dict:
     """PyTorch-default init: every weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 
     The split first head layer uses fan_in = De + R for both of its parts, as the unsplit layer.
+    Jitted as a whole (one compilation per config, not one per layer shape).
     """
     if not isinstance(cfg, EBRMConfig):
         raise ValueError(f"cfg: expected an EBRMConfig, got {type(cfg).__name__}")
+    return _init_params(key, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _init_params(key, cfg: EBRMConfig) -> dict:
     r_dims = (1,) + cfg.r_hidden
     head_dims = (cfg.embed_dim + cfg.r_hidden[-1],) + cfg.hidden + (1,)
     keys = jax.random.split(key, len(r_dims) - 1 + len(head_dims) - 1)

@@ -1,32 +1,40 @@
-"""EBRM in the world: a conventional reward model trained with label noise, refined by EBRM;
-and the same refinement over SWIFT.
+"""EBRM for any (Backbone, Task): a conventional reward model trained with label noise, refined
+by EBRM; and the same refinement over SWIFT. The method: docs/ebrm.md.
 
-    swiftjax train-ebrm [configs/ebrm.yaml] [key=value ...]
-    swiftjax score --refine CANDIDATES.jsonl --features FEATURES.npz --ebrm DIR [--out OUT.jsonl]
+    swiftjax ebrm run    CONFIG [key=value ...]     # e.g. configs/ebrm.yaml
+    swiftjax ebrm refine CANDIDATES.jsonl --features FEATURES.npz --ebrm DIR [--out OUT.jsonl]
 
-``train-ebrm`` (:func:`main`), for each label-noise level (``noise_levels``):
+``ebrm run`` (:func:`run`), for each label-noise level (``noise_levels``):
 
-1. training pairs = (correct, incorrect) candidates of the same training problem, with an
+1. candidates: ``n_train`` (train split) and ``n`` (test split) sampled responses per problem,
+   from :func:`swiftjax.sample.candidate_set` (keyed by the backbone, the task and the sampling
+   settings: a SWIFT run with the same settings and ``cache`` shares them). With
+   ``pairs.demonstrations``, each training problem's worked solution (the task's
+   demonstration, graded by the task) joins its candidates: the positive side of the pairs
+   when the backbone rarely solves a problem itself;
+2. training pairs = (correct, incorrect) responses of the same training problem, with an
    exact, seeded fraction of them swapped (:func:`swiftjax.methods.ebrm.reward_model.flip_pairs`);
-2. a reward model (the world model's body + a scalar head on the last token) trained with
-   Bradley–Terry on those noisy pairs; (e, r0) of every training and test candidate;
-3. EBRM (:func:`ebrm_on_arrays`): the conflict filter on the noisy training pairs, rewards
+3. a reward model (the backbone's body + a scalar head on the last token) trained with
+   Bradley–Terry on those noisy pairs; (e, r0) of every training and test response;
+4. EBRM (:func:`ebrm_on_arrays`): the conflict filter on the noisy training pairs, rewards
    normalised with the kept responses' statistics, the energy net trained with NCE+, test
    rewards refined (hybrid init, averaged over seeds);
-4. preference accuracy on the clean held-out pairs (test problems' correct vs incorrect
+5. preference accuracy on the clean held-out pairs (test problems' correct vs incorrect
    candidates; ties count wrong) and Best-of-N accuracy, base RM vs EBRM.
 
 EBRM over SWIFT takes precomputed arrays (``swift.features``: an npz with ``e_train``,
 ``r0_train``, ``pairs_train``, ``e_test``, ``r0_test``, ``correct_test``; e = the gate-weighted
-mean feature, :func:`swiftjax.methods.swift.head.pooled_features`, r0 = :func:`swiftjax.methods.swift.head.score`) and
-runs the same :func:`ebrm_on_arrays`.
+mean feature, :func:`swiftjax.methods.swift.head.pooled_features`, r0 =
+:func:`swiftjax.methods.swift.head.score`), or computes them here from a trained SWIFT head
+(``swift.head``, trained on the same backbone) over the same candidates, and runs the same
+:func:`ebrm_on_arrays`.
 
-Outputs under ``out``: ``results.json``, ``results.md`` (the table), and per noise level
-``noise_<level>/``: RM and EBRM metrics (jsonl), ``train_features.npz`` (e, r0, clean and noisy
-pairs, flip mask), ``test_features.npz`` (e, r0, prompt_id, index), ``ebrm/`` (the energy net:
-``ebrm.json`` + an orbax checkpoint) and ``test_scored.jsonl`` (candidates with scores ``rm`` and
-``ebrm``). ``score --refine`` (:func:`score_refine_main`) re-applies a saved ``ebrm/`` to stored
-features.
+Outputs under ``out``: ``results.json`` (with the backbone's and the task's description),
+``results.md`` (the table), and per noise level ``noise_<level>/``: RM and EBRM metrics (jsonl),
+``train_features.npz`` (e, r0, clean and noisy pairs, flip mask), ``test_features.npz`` (e, r0,
+prompt_id, index), ``ebrm/`` (the energy net: ``ebrm.json`` + an orbax checkpoint) and
+``test_scored.jsonl`` (candidates with scores ``rm`` and ``ebrm``). ``ebrm refine``
+(:func:`score_refine_main`) re-applies a saved ``ebrm/`` to stored features.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ import argparse
 import dataclasses
 import functools
 import json
-import sys
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -44,15 +52,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from swiftjax import bon
-from swiftjax.methods.ebrm import energy as ebrm
-from swiftjax.config import config_from_argv, to_dataclass
+from swiftjax._io import atomic_file
+from swiftjax.backbone import Backbone, BackboneConfig, load_backbone
+from swiftjax.batching import epoch_batches
+from swiftjax.config import parse_typed, subcommand, to_dataclass, to_plain
 from swiftjax.data import candidates as cands
-from swiftjax.world import tokenizer as wtok
+from swiftjax.methods.ebrm import energy as ebrm
+from swiftjax.methods.ebrm.reward_model import (RMTrainConfig, check_pairs, flip_pairs, init_reward_model,
+                                                score_responses, train_reward_model)
+from swiftjax.methods.swift import features as feats
+from swiftjax.methods.swift import head as swift_head
+from swiftjax.methods.swift.head_io import load_head
+from swiftjax.sample import SamplingSection, candidate_set, check_writable
+from swiftjax.tasks import Task, TaskConfig, make_task
+from swiftjax.train import loop
+from swiftjax.train.ckpt import Checkpointer
+from swiftjax.train.metrics import JsonlWriter
 
 __all__ = [
-    "DEFAULTS",
+    "EbrmRunConfig",
+    "PairsSection",
+    "RMSection",
+    "SwiftSection",
     "EBRMTrainConfig",
     "RefineConfig",
+    "backbone_of",
+    "training_rows",
+    "demonstration_rows",
     "order_rows",
     "encode_rows",
     "candidate_pairs",
@@ -67,37 +93,11 @@ __all__ = [
     "load_swift_arrays",
     "swift_arrays",
     "write_swift_arrays",
-    "ensure_candidates",
     "results_markdown",
     "run",
     "main",
     "score_refine_main",
 ]
-
-DEFAULTS = {
-    "seed": 0,
-    "out": "runs/ebrm",
-    "model": None,  # world-model directory (default: the shipped swiftjax/assets/world_model)
-    "world": {},  # WorldConfig fields: must match the world model's
-    "progress": True,
-    "noise_levels": [0.0, 0.2, 0.4],
-    "candidates": {
-        # path: a candidate jsonl; null: sample it from the world model (cached under out/)
-        "train": {"path": None, "split": "validation", "n_problems": 500, "n": 8, "seed": 1},
-        "test": {"path": None, "split": "test", "n_problems": 300, "n": 16, "seed": 0},
-        "split_seed": 0, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 64,
-        "prompt_len": 64, "batch_size": 512,
-    },
-    "pairs": {"max_per_problem": 8, "seed": 0, "flip_seed": 0},
-    "rm": {"max_len": 128, "head_seed": 0, "head_init_std": 0.02, "train_last_layers": None,
-           "lr": 2.0e-4, "weight_decay": 0.0, "batch_size": 32, "epochs": 1, "max_steps": None,
-           "warmup_steps": 20, "clip_norm": 1.0, "seed": 0, "score_batch_size": 256},
-    "ebrm": {"r_hidden": [16, 32, 64], "hidden": [256, 128], "dropout": 0.1, "filter": True,
-             "num_neg": 128, "stds": [3.5], "beta": 0.1, "lam": 0.05, "lr": 3.0e-3,
-             "weight_decay": 0.01, "batch_size": 256, "epochs": 20, "max_steps": None, "shuffle": True},
-    "refine": {"steps": 50, "lr0": 0.5, "eta": 0.2, "min_lr": 1.0e-6, "init": "hybrid", "seeds": 5},
-    "swift": {"features": None, "head": None},
-}
 
 
 # ----------------------------------------------------------------------------- configs
@@ -160,7 +160,132 @@ class RefineConfig:
             raise ValueError(f"refine.seeds: expected a positive int, got {self.seeds!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class PairsSection:
+    """Training pairs. ``max_per_problem``: a seeded subset of (correct, incorrect) pairs per
+    problem (null: all); ``flip_seed``: which pairs get their label flipped;
+    ``demonstrations``: add each training problem's demonstration solution to its candidates."""
+
+    max_per_problem: int | None = 8
+    seed: int = 0
+    flip_seed: int = 0
+    demonstrations: bool = False
+
+    def __post_init__(self):
+        if self.max_per_problem is not None and self.max_per_problem < 1:
+            raise ValueError(f"max_per_problem: expected a positive int or null, got {self.max_per_problem}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSection:
+    """The reward model: the backbone's body + a scalar head (``head_seed``, ``head_init_std``),
+    trained with Bradley–Terry (:class:`swiftjax.methods.ebrm.reward_model.RMTrainConfig`).
+    ``max_len``: the teacher-forced width of prompt + response (null: the longest, rounded up
+    to a multiple of 8); ``seed``: the batch order (the same for every noise level)."""
+
+    max_len: int | None = None
+    head_seed: int = 0
+    head_init_std: float = 0.02
+    train_last_layers: int | None = None
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int | None = 1
+    max_steps: int | None = None
+    warmup_steps: int = 20
+    clip_norm: float | None = 1.0
+    seed: int = 0
+    score_batch_size: int = 256
+
+    def __post_init__(self):
+        self.train_config()  # RMTrainConfig's own checks
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"max_len: expected an int >= 2 or null, got {self.max_len}")
+        if self.score_batch_size < 1:
+            raise ValueError(f"score_batch_size: expected a positive int, got {self.score_batch_size}")
+        if self.head_init_std < 0:
+            raise ValueError(f"head_init_std: expected a number >= 0, got {self.head_init_std}")
+
+    def train_config(self) -> RMTrainConfig:
+        return RMTrainConfig(lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
+                             epochs=self.epochs, max_steps=self.max_steps, warmup_steps=self.warmup_steps,
+                             clip_norm=self.clip_norm, train_last_layers=self.train_last_layers, seed=self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class SwiftSection:
+    """EBRM over SWIFT: ``features`` (precomputed arrays, see the module doc) or ``head`` (a
+    SWIFT head trained on the same backbone, e.g. runs/demo/head); both null: skipped."""
+
+    features: str | None = None
+    head: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EbrmRunConfig:
+    """Every default of ``ebrm run``; YAML files and ``key=value`` overrides only override.
+
+    model: an HF causal-LM directory, or ``world`` (the shipped world model).
+    template / system / dtype: how the backbone is prompted (:class:`swiftjax.backbone.BackboneConfig`).
+    n / n_train: candidates per test / training problem (n_train null: n).
+    cache: where candidate sets are kept (null: ``out``).
+    """
+
+    model: str = "world"
+    template: str | None = None
+    system: str | None = None
+    dtype: str = "float32"
+    task: TaskConfig = TaskConfig()
+    out: str = "runs/ebrm"
+    cache: str | None = None
+    seed: int = 0
+    progress: bool = True
+    noise_levels: tuple[float, ...] = (0.0, 0.2, 0.4)
+    n: int = 16
+    n_train: int | None = None
+    sampling: SamplingSection = SamplingSection()
+    pairs: PairsSection = PairsSection()
+    rm: RMSection = RMSection()
+    ebrm: EBRMTrainConfig = EBRMTrainConfig()
+    refine: RefineConfig = RefineConfig()
+    swift: SwiftSection = SwiftSection()
+
+    def __post_init__(self):
+        if not self.noise_levels or any(not 0.0 <= x <= 1.0 for x in self.noise_levels):
+            raise ValueError(f"noise_levels: expected a non-empty list of fractions in [0, 1], "
+                             f"got {list(self.noise_levels)}")
+        for k in ("n", "n_train"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ValueError(f"{k}: expected a positive int, got {v}")
+
+
+def backbone_of(cfg) -> Backbone:
+    return load_backbone(BackboneConfig(path=cfg.model, template=cfg.template, system=cfg.system, dtype=cfg.dtype))
+
+
 # ----------------------------------------------------------------------------- candidates
+
+
+def demonstration_rows(backbone: Backbone, task: Task, problems, index: int) -> list[dict]:
+    """One candidate row per problem: its demonstration solution (as the backbone renders an
+    assistant turn), graded by the task, at candidate ``index``."""
+    rows = []
+    for p in problems:
+        if p.solution is None:
+            raise ValueError(f"pairs.demonstrations: task {task.name} has no demonstration solution for problem "
+                             f"{p.id!r} (a jsonl task names one with task.solution_field)")
+        msg = task.user_message(p)
+        ans, ok = task.grade(p.solution, p.gold)
+        rows.append({"prompt_id": p.id, "index": index, "prompt": msg, "text": p.solution,
+                     "token_ids": backbone.response_ids(msg, p.solution), "answer": ans, "correct": ok,
+                     "gold": p.gold})
+    return rows
+
+
+def training_rows(backbone: Backbone, task: Task, rows, n: int, demonstrations: bool) -> list[dict]:
+    """The training candidates, plus each problem's demonstration (index ``n``) when asked."""
+    return list(rows) + (demonstration_rows(backbone, task, task.problems("train"), n) if demonstrations else [])
 
 
 def order_rows(rows) -> tuple[list[str], list[dict], np.ndarray]:
@@ -173,39 +298,40 @@ def order_rows(rows) -> tuple[list[str], list[dict], np.ndarray]:
     return ids, flat, arr["correct"]
 
 
-def encode_rows(tok, rows, max_len: int, multiple: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-padded (ids, attention_mask, response_mask), each [R, T] int32, of chat prompt +
-    response (response_mask: 1 on the response tokens).
+def encode_rows(backbone: Backbone, rows, max_len: int | None = None,
+                multiple: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-padded (ids, attention_mask, response_mask), each [R, T] int32, of the backbone's
+    rendered prompt + response (response_mask: 1 on the response tokens; pad: the backbone's).
 
-    The response is the row's ``token_ids`` when present (exactly what was sampled, <|end|>
-    included if generation stopped), else ``encode(text) + [<|end|>]``. T is the longest
-    sequence rounded up to ``multiple``, at most ``max_len`` (a longer sequence raises).
+    The response is the row's ``token_ids`` when present (exactly what was sampled, the
+    end-of-turn id included if generation stopped), else the backbone's rendering of ``text``
+    as an assistant turn. T is the longest sequence rounded up to ``multiple``, at most
+    ``max_len`` (a longer sequence raises; null: no limit but the model's context).
     """
-    seqs, starts = [], []
+    if not rows:
+        raise ValueError("rows: expected at least one candidate, got none")
+    resps = []
     for i, row in enumerate(rows):
-        prompt = wtok.encode(tok, wtok.format_prompt(row["prompt"]))
-        resp = list(row["token_ids"]) if row["token_ids"] is not None else wtok.encode(tok, row["text"]) + [wtok.END_ID]
+        resp = (list(row["token_ids"]) if row["token_ids"] is not None
+                else backbone.response_ids(row["prompt"], row["text"]))
         if not resp:
             raise ValueError(f"rows[{i}] ({row['prompt_id']!r} #{row['index']}): expected a non-empty response, "
                              "got none")
-        seq = prompt + resp
-        if len(seq) > max_len:
-            raise ValueError(f"rows[{i}] ({row['prompt_id']!r} #{row['index']}): expected at most max_len={max_len} "
-                             f"tokens (prompt + response), got {len(seq)}; raise rm.max_len")
-        seqs.append(seq)
-        starts.append(len(prompt))
-    if not seqs:
-        raise ValueError("rows: expected at least one candidate, got none")
-    longest = max(len(s) for s in seqs)
-    t = min(max_len, -(-longest // multiple) * multiple)
-    ids = np.full((len(seqs), t), wtok.PAD_ID, np.int32)
-    attn = np.zeros((len(seqs), t), np.int32)
-    resp = np.zeros((len(seqs), t), np.int32)
-    for i, (s, p0) in enumerate(zip(seqs, starts)):
-        ids[i, :len(s)] = s
-        attn[i, :len(s)] = 1
-        resp[i, p0:len(s)] = 1
-    return ids, attn, resp
+        resps.append(resp)
+    prompts = [r["prompt"] for r in rows]
+    lens = {}
+    for q in dict.fromkeys(prompts):
+        lens[q] = len(backbone.prompt_ids(q))
+    longest = max(lens[q] + len(r) for q, r in zip(prompts, resps))
+    t = -(-longest // multiple) * multiple
+    if max_len is not None:
+        if longest > max_len:
+            i = next(i for i, (q, r) in enumerate(zip(prompts, resps)) if lens[q] + len(r) > max_len)
+            got = lens[prompts[i]] + len(resps[i])
+            raise ValueError(f"rows[{i}] ({rows[i]['prompt_id']!r} #{rows[i]['index']}): expected at most "
+                             f"rm.max_len={max_len} tokens (prompt + response), got {got}; raise rm.max_len")
+        t = min(t, max_len)
+    return backbone.encode_pairs(prompts, resps, t)
 
 
 def candidate_pairs(correct, max_per_problem: int | None = None, seed: int = 0) -> np.ndarray:
@@ -237,8 +363,6 @@ def candidate_pairs(correct, max_per_problem: int | None = None, seed: int = 0) 
 def preference_accuracy(scores, pairs) -> float | None:
     """Percent of pairs with ``scores[chosen] > scores[rejected]`` strictly (ties wrong);
     None when there is no pair. scores [R]; pairs [K, 2]."""
-    from swiftjax.methods.ebrm.reward_model import check_pairs
-
     s = np.asarray(scores)
     if s.ndim != 1:
         raise ValueError(f"scores: expected shape [R], got {s.shape}")
@@ -269,8 +393,6 @@ def filter_training_set(r0, pairs, use_filter: bool = True) -> tuple[np.ndarray,
     The conflict filter keeps the pairs whose labels the base RM agrees with
     (``r0[chosen] > r0[rejected]``, :func:`swiftjax.methods.ebrm.energy.conflict_filter`) — the labels being
     whatever the RM was trained on (noisy ones included)."""
-    from swiftjax.methods.ebrm.reward_model import check_pairs
-
     r0 = np.asarray(r0)
     pr = check_pairs(pairs, r0.shape[0])
     if pr.shape[0] == 0:
@@ -284,8 +406,6 @@ def filter_training_set(r0, pairs, use_filter: bool = True) -> tuple[np.ndarray,
 
 @functools.lru_cache(maxsize=8)
 def _ebrm_train_step(net: ebrm.EBRMConfig, tcfg: EBRMTrainConfig):
-    from swiftjax.train import loop
-
     opt = loop.OptimizerConfig(name="adamw", lr=float(tcfg.lr), weight_decay=float(tcfg.weight_decay))
     tx = loop.make_optimizer(opt)
 
@@ -304,9 +424,6 @@ def train_ebrm(e, r0_norm, tcfg: EBRMTrainConfig, *, seed: int = 0, writer=None,
     Returns (params, EBRMConfig, loop.FitResult). Fresh noise every step (from the loop's rng);
     batches reshuffled per epoch when ``tcfg.shuffle`` (then the last partial batch is dropped).
     """
-    from swiftjax.batching import epoch_batches
-    from swiftjax.train import loop
-
     e = np.asarray(e, np.float32)
     r = np.asarray(r0_norm, np.float32)
     if e.ndim != 2 or r.shape != (e.shape[0],):
@@ -402,10 +519,6 @@ def ebrm_on_arrays(e_train, r0_train, pairs, e_test, r0_test, correct_test, tcfg
 def save_ebrm(directory, params, net: ebrm.EBRMConfig, stats, rcfg: RefineConfig) -> Path:
     """``directory/ebrm.json`` (net sizes, reward stats, refine settings) + ``directory/params``
     (orbax). An earlier save in ``directory`` is replaced."""
-    import shutil
-
-    from swiftjax.train.ckpt import Checkpointer
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     (d / "ebrm.json").unlink(missing_ok=True)
@@ -422,8 +535,6 @@ def save_ebrm(directory, params, net: ebrm.EBRMConfig, stats, rcfg: RefineConfig
 
 def load_ebrm(directory):
     """(params, EBRMConfig, (mean, std), RefineConfig) saved by :func:`save_ebrm`."""
-    from swiftjax.train.ckpt import Checkpointer
-
     d = Path(directory)
     if not (d / "ebrm.json").is_file():
         raise ValueError(f"ebrm: expected a directory saved by save_ebrm (with ebrm.json), got {d}")
@@ -461,20 +572,18 @@ def swift_arrays(model, head_params, spec, ids, attention_mask, response_mask, b
     """SWIFT's (e [N, F], r0 [N]) of a candidate set, for :func:`ebrm_on_arrays`.
 
     e = the gate-weighted mean of each response's token features
-    (:func:`swiftjax.methods.swift.head.pooled_features`), r0 = the SWIFT score (:func:`swiftjax.methods.swift.head.score`),
+    (:func:`swiftjax.methods.swift.head.pooled_features`), r0 = the SWIFT score
+    (:func:`swiftjax.methods.swift.head.score`),
     features streamed by :func:`swiftjax.methods.swift.features.iter_feature_batches` with ``spec``
     (a :class:`swiftjax.methods.swift.features.FeatureSpec`, as the head was trained on). ids / masks [N, T].
     """
-    from swiftjax.methods.swift import features as feats
-    from swiftjax.methods.swift import head as swift
-
     n = int(np.shape(ids)[0])
     e_out, r_out = None, np.zeros(n, np.float32)
     for fb in feats.iter_feature_batches(model, ids, attention_mask, response_mask, spec, batch_size,
                                          progress=progress):
         valid = fb.rows >= 0
-        e = np.asarray(swift.pooled_features(head_params, fb.features, fb.mask))
-        r = np.asarray(swift.score(head_params, fb.features, fb.mask))
+        e = np.asarray(swift_head.pooled_features(head_params, fb.features, fb.mask))
+        r = np.asarray(swift_head.score(head_params, fb.features, fb.mask))
         if e_out is None:
             e_out = np.zeros((n, e.shape[1]), np.float32)
         e_out[fb.rows[valid]] = e[valid]
@@ -484,8 +593,6 @@ def swift_arrays(model, head_params, spec, ids, attention_mask, response_mask, b
 
 def write_swift_arrays(path, e_train, r0_train, pairs_train, e_test, r0_test, correct_test, test_pairs=None) -> Path:
     """Write the npz that ``swift.features`` / :func:`load_swift_arrays` read (shapes checked)."""
-    from swiftjax.methods.ebrm.reward_model import check_pairs
-
     arrays = {"e_train": np.asarray(e_train, np.float32), "r0_train": np.asarray(r0_train, np.float32),
               "e_test": np.asarray(e_test, np.float32), "r0_test": np.asarray(r0_test, np.float32),
               "correct_test": np.asarray(correct_test, bool)}
@@ -507,53 +614,6 @@ def write_swift_arrays(path, e_train, r0_train, pairs_train, e_test, r0_test, co
 
 
 # ----------------------------------------------------------------------------- pipeline
-
-
-def _world_cfg(cfg):
-    from swiftjax.world import model as wexp
-
-    return wexp.world_config(cfg)
-
-
-def ensure_candidates(cfg: dict, which: str, model_dir: Path, *, progress: bool = True) -> Path:
-    """The candidate jsonl for ``which`` ('train' | 'test'): the configured path, or one sampled
-    from the world model into ``out/candidates_<which>.jsonl`` (reused while its sampling
-    settings and model are unchanged)."""
-    from swiftjax.world import problems as world
-    from swiftjax.world import model as wexp
-
-    c = cfg["candidates"]
-    sub = c[which]
-    if sub.get("path"):
-        path = Path(sub["path"])
-        if not path.is_file():
-            raise ValueError(f"candidates.{which}.path: expected a candidate jsonl, {path} does not exist")
-        return path
-    path = Path(cfg["out"]) / f"candidates_{which}.jsonl"
-    key = {k: sub[k] for k in ("split", "n_problems", "n", "seed")}
-    key.update({k: c[k] for k in ("split_seed", "temperature", "top_p", "top_k", "max_new_tokens", "prompt_len",
-                                  "batch_size")})  # the sampling keys depend on the batch layout
-    key["world"] = cfg.get("world") or {}
-    key["model_sha256"] = wexp.model_digest(model_dir)
-
-    def sample():
-        model, _, tok = wexp.load_world_model(model_dir)
-        problems = world.make_split(sub["split"], sub["n_problems"], _world_cfg(cfg), seed=c["split_seed"])
-        return wexp.sample_candidates(model, tok, problems, n=sub["n"], temperature=c["temperature"],
-                                      top_p=c["top_p"], top_k=c["top_k"], max_new_tokens=c["max_new_tokens"],
-                                      prompt_len=c["prompt_len"], batch_size=c["batch_size"], seed=sub["seed"],
-                                      progress=progress)
-
-    cands.cached_candidates(path, key, sample)
-    return path
-
-
-def _rm_train_config(rm: dict):
-    from swiftjax.methods.ebrm.reward_model import RMTrainConfig
-
-    keys = ("lr", "weight_decay", "batch_size", "epochs", "max_steps", "warmup_steps", "clip_norm",
-            "train_last_layers", "seed")
-    return to_dataclass(RMTrainConfig, {k: rm[k] for k in keys}, "rm")
 
 
 def _level_name(level: float) -> str:
@@ -583,8 +643,10 @@ def results_markdown(results: dict) -> str:
     """The markdown table of :func:`run`'s results."""
     ref = results["reference"]
     n = ref["n"]
+    task = results.get("task", {}).get("name", "?")
+    model = results.get("model", {}).get("path", "?")
     lines = [
-        "# EBRM in the world: base reward vs energy-based refinement",
+        f"# EBRM on {task} ({model}): base reward vs energy-based refinement",
         "",
         f"Test: {ref['problems']} problems x {n} candidates; preference accuracy (%) on "
         f"{ref['test_pairs']} clean held-out (correct, incorrect) pairs, ties wrong; Best-of-{n} "
@@ -606,41 +668,56 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: dict, *, progress: bool | None = None) -> dict:
+def _check_inputs(cfg: EbrmRunConfig) -> None:
+    """Input files named by the config exist (before any work)."""
+    if cfg.swift.features and not Path(cfg.swift.features).is_file():
+        raise ValueError(f"swift.features: expected an npz file, {cfg.swift.features} does not exist")
+    if cfg.swift.head and not (Path(cfg.swift.head) / "head.json").is_file():
+        raise ValueError(f"swift.head: expected a trained SWIFT head directory (with head.json), got {cfg.swift.head}")
+
+
+def _swift_on_backbone(cfg: EbrmRunConfig, backbone: Backbone, arrays, *, out: Path, n_tr: int, clean, correct_te,
+                       test_pairs) -> Path:
+    """EBRM-over-SWIFT arrays from a trained head over this run's candidates (see the module doc);
+    the filter uses the clean training pairs (SWIFT saw true labels)."""
+    head, spec, meta = load_head(Path(cfg.swift.head))
+    trained_on = meta.get("info", {}).get("model", {}).get("digest")
+    if trained_on and trained_on != backbone.digest:
+        raise ValueError(f"swift.head={cfg.swift.head}: trained on model {meta['info']['model'].get('path')} "
+                         f"(digest {trained_on[:12]}), not on model={cfg.model} (digest {backbone.digest[:12]})")
+    ids_all, attn_all, resp_all = arrays
+    e_sw, r_sw = swift_arrays(backbone.model, head, spec, ids_all, attn_all, resp_all,
+                              batch_size=cfg.rm.score_batch_size, progress=cfg.progress)
+    return write_swift_arrays(out / "swift_arrays.npz", e_sw[:n_tr], r_sw[:n_tr], clean, e_sw[n_tr:], r_sw[n_tr:],
+                              correct_te, test_pairs=test_pairs)
+
+
+def run(cfg: EbrmRunConfig, *, log=print) -> dict:
     """The whole experiment (see the module docstring); returns the results dict."""
-    from swiftjax.world import model as wexp
-    from swiftjax.models.load import load_model
-    from swiftjax.methods.ebrm.reward_model import flip_pairs, init_reward_model, score_responses, train_reward_model
-    from swiftjax.train.metrics import JsonlWriter
-
-    progress = cfg.get("progress", True) if progress is None else progress
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    levels = [float(x) for x in cfg["noise_levels"]]
-    if not levels or any(not 0.0 <= x <= 1.0 for x in levels):
-        raise ValueError(f"noise_levels: expected a non-empty list of fractions in [0, 1], got {cfg['noise_levels']!r}")
-    tcfg = to_dataclass(EBRMTrainConfig, cfg["ebrm"], "ebrm")
-    rcfg = to_dataclass(RefineConfig, cfg["refine"], "refine")
-    rm_cfg = _rm_train_config(cfg["rm"])
-    model_dir = Path(cfg["model"]) if cfg.get("model") else wexp.ASSET_DIR
-    if not (model_dir / "model.safetensors").is_file():
-        raise ValueError(f"model: expected a world-model directory with model.safetensors, got {model_dir}")
-    _world_cfg(cfg)  # validates the world section early
+    out = check_writable(Path(cfg.out), "out")
+    if cfg.cache:
+        check_writable(Path(cfg.cache), "cache")
+    _check_inputs(cfg)
     t_start = time.time()
-
-    paths = {w: ensure_candidates(cfg, w, model_dir, progress=progress) for w in ("train", "test")}
-    _, train_rows, correct_tr = order_rows(cands.read_candidates(paths["train"]))
-    test_ids, test_rows, correct_te = order_rows(cands.read_candidates(paths["test"]))
-    tok = wtok.load_tokenizer(model_dir)
-    max_len = int(cfg["rm"]["max_len"])
-    ids_all, attn_all, resp_all = encode_rows(tok, train_rows + test_rows, max_len)  # one T: one compilation
+    backbone = backbone_of(cfg)
+    task = make_task(cfg.task)
+    n_train = cfg.n_train or cfg.n
+    demos = training_rows(backbone, task, [], n_train, cfg.pairs.demonstrations)  # checked before sampling
+    sets, paths = {}, {}
+    for split, n in (("train", n_train), ("test", cfg.n)):
+        sets[split], paths[split] = candidate_set(backbone, task, split, n=n, sampling=cfg.sampling, seed=cfg.seed,
+                                                  out_dir=Path(cfg.cache or out), progress=cfg.progress, log=log)
+    _, train_rows, correct_tr = order_rows(sets["train"] + demos)
+    test_ids, test_rows, correct_te = order_rows(sets["test"])
+    ids_all, attn_all, resp_all = encode_rows(backbone, train_rows + test_rows, cfg.rm.max_len)  # one T: one compile
     n_tr = len(train_rows)
     ids_tr, attn_tr = ids_all[:n_tr], attn_all[:n_tr]
-    pc = cfg["pairs"]
-    clean = candidate_pairs(correct_tr, pc["max_per_problem"], pc["seed"])
+    pc = cfg.pairs
+    clean = candidate_pairs(correct_tr, pc.max_per_problem, pc.seed)
     if clean.shape[0] == 0:
         raise ValueError(f"{paths['train']}: expected training problems with both correct and incorrect "
-                         "candidates, found none (no preference pairs)")
+                         "responses, found none (no preference pairs); pairs.demonstrations=true adds the "
+                         "task's worked solutions")
     test_pairs = candidate_pairs(correct_te)
     n = correct_te.shape[1]
     results = {
@@ -651,24 +728,26 @@ def run(cfg: dict, *, progress: bool | None = None) -> dict:
                       "candidates": {k: str(v) for k, v in paths.items()}},
         "rm": {},
         "swift": None,
+        "model": backbone.describe(),
+        "task": task.describe(),
     }
-    lm, _ = load_model(model_dir)
-    rm0 = init_reward_model(lm, seed=int(cfg["rm"]["head_seed"]), head_init_std=float(cfg["rm"]["head_init_std"]))
-    sbs = int(cfg["rm"]["score_batch_size"])
-    for level in levels:
+    rm0 = init_reward_model(backbone.model, seed=cfg.rm.head_seed, head_init_std=cfg.rm.head_init_std)
+    rm_cfg = cfg.rm.train_config()
+    sbs = cfg.rm.score_batch_size
+    for level in cfg.noise_levels:
         d = out / _level_name(level)
         d.mkdir(parents=True, exist_ok=True)
-        noisy, flipped = flip_pairs(clean, level, pc["flip_seed"])
+        noisy, flipped = flip_pairs(clean, level, pc.flip_seed)
         t0 = time.time()
         with JsonlWriter(d / "rm_metrics.jsonl") as w:
-            rm, fit = train_reward_model(rm0, ids_tr, attn_tr, noisy, rm_cfg, writer=w, progress=progress,
+            rm, fit = train_reward_model(rm0, ids_tr, attn_tr, noisy, rm_cfg, writer=w, progress=cfg.progress,
                                          desc=f"RM (noise {level:g})")
         t_rm = time.time() - t0
         r_all, e_all = score_responses(rm, ids_all, attn_all, sbs)  # one call: one compiled shape
         r_tr, e_tr, r_te, e_te = r_all[:n_tr], e_all[:n_tr], r_all[n_tr:], e_all[n_tr:]
         with JsonlWriter(d / "ebrm_metrics.jsonl") as w:
-            res, arts = ebrm_on_arrays(e_tr, r_tr, noisy, e_te, r_te, correct_te, tcfg, rcfg, seed=int(cfg["seed"]),
-                                       test_pairs=test_pairs, writer=w, progress=progress,
+            res, arts = ebrm_on_arrays(e_tr, r_tr, noisy, e_te, r_te, correct_te, cfg.ebrm, cfg.refine, seed=cfg.seed,
+                                       test_pairs=test_pairs, writer=w, progress=cfg.progress,
                                        desc=f"EBRM (noise {level:g})")
         keep = arts["keep"]
         res["filter"]["kept_correctly_labelled"] = float(np.mean(~flipped[keep])) if keep.any() else None
@@ -679,65 +758,58 @@ def run(cfg: dict, *, progress: bool | None = None) -> dict:
         _features_npz(d / "train_features.npz", e_tr, r_tr, train_rows, pairs_clean=clean, pairs_noisy=noisy,
                       flipped=flipped)
         _features_npz(d / "test_features.npz", e_te, r_te, test_rows)
-        save_ebrm(d / "ebrm", arts["params"], arts["net"], arts["stats"], rcfg)
+        save_ebrm(d / "ebrm", arts["params"], arts["net"], arts["stats"], cfg.refine)
         cands.write_candidates(d / "test_scored.jsonl", _scored_rows(test_rows, rm=r_te, ebrm=arts["refined"]))
         results["rm"][f"{level:g}"] = res
-        print(f"noise {level:g}: pref acc {_fmt(res['base']['pref_acc'])} -> {_fmt(res['ebrm']['pref_acc'])}, "
-              f"BoN@{n} {_fmt(res['base'][f'bon@{n}'])} -> {_fmt(res['ebrm'][f'bon@{n}'])}", flush=True)
-    if cfg.get("swift", {}).get("head") and not cfg["swift"].get("features"):
-        # EBRM over a trained SWIFT head on the same candidates: e = gate-weighted mean feature,
-        # r0 = the SWIFT score; the filter uses the clean training pairs (SWIFT saw true labels)
-        from swiftjax.methods.swift.head_io import load_head
-
-        head, spec, _ = load_head(Path(cfg["swift"]["head"]))
-        e_sw, r_sw = swift_arrays(lm, head, spec, ids_all, attn_all, resp_all, batch_size=sbs)
-        cfg["swift"]["features"] = str(write_swift_arrays(
-            out / "swift_arrays.npz", e_sw[:n_tr], r_sw[:n_tr], clean, e_sw[n_tr:], r_sw[n_tr:], correct_te,
-            test_pairs=test_pairs))
-    if cfg.get("swift", {}).get("features"):
-        sw = load_swift_arrays(cfg["swift"]["features"])
+        log(f"noise {level:g}: pref acc {_fmt(res['base']['pref_acc'])} -> {_fmt(res['ebrm']['pref_acc'])}, "
+            f"BoN@{n} {_fmt(res['base'][f'bon@{n}'])} -> {_fmt(res['ebrm'][f'bon@{n}'])}")
+    swift_features = cfg.swift.features
+    if cfg.swift.head and not swift_features:
+        swift_features = _swift_on_backbone(cfg, backbone, (ids_all, attn_all, resp_all), out=out, n_tr=n_tr,
+                                            clean=clean, correct_te=correct_te, test_pairs=test_pairs)
+    if swift_features:
+        sw = load_swift_arrays(swift_features)
         with JsonlWriter(out / "swift_ebrm_metrics.jsonl") as w:
             res, arts = ebrm_on_arrays(sw["e_train"], sw["r0_train"], sw["pairs_train"], sw["e_test"], sw["r0_test"],
-                                       sw["correct_test"], tcfg, rcfg, seed=int(cfg["seed"]),
-                                       test_pairs=sw.get("test_pairs"), writer=w, progress=progress,
+                                       sw["correct_test"], cfg.ebrm, cfg.refine, seed=cfg.seed,
+                                       test_pairs=sw.get("test_pairs"), writer=w, progress=cfg.progress,
                                        desc="EBRM (SWIFT)")
         res["n"] = int(np.asarray(sw["correct_test"]).shape[1])
-        save_ebrm(out / "swift_ebrm", arts["params"], arts["net"], arts["stats"], rcfg)
+        res["features"] = str(swift_features)
+        save_ebrm(out / "swift_ebrm", arts["params"], arts["net"], arts["stats"], cfg.refine)
         results["swift"] = res
     results["seconds"] = round(time.time() - t_start, 1)
-    results["config"] = cfg
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
+    results["config"] = to_plain(cfg)
+    with atomic_file(out / "results.json", "w") as f:
+        f.write(json.dumps(results, indent=2) + "\n")
+    with atomic_file(out / "results.md", "w") as f:
+        f.write(results_markdown(results))
     return results
 
 
 def run_main(argv) -> int:
-    """``swiftjax train-ebrm [CONFIG.yaml] [key=value ...]``."""
-    argv = list(argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: swiftjax train-ebrm [CONFIG.yaml] [key=value ...]", file=sys.stderr)
-        return 0
-    cfg = config_from_argv(argv, DEFAULTS)
+    """``swiftjax ebrm run [CONFIG.yaml] [key=value ...]``."""
+    cfg = parse_typed(EbrmRunConfig, argv, "ebrm run")
     results = run(cfg)
     print(results_markdown(results))
-    print(f"wrote {Path(cfg['out']) / 'results.json'} and results.md")
+    print(f"wrote {Path(cfg.out) / 'results.json'} and results.md")
     return 0
 
 
-# ----------------------------------------------------------------------------- score --refine
+# ----------------------------------------------------------------------------- refine
 
 
 def score_refine_main(argv: Sequence[str]) -> int:
-    """``swiftjax score --refine CANDIDATES.jsonl --features F.npz --ebrm DIR [--out OUT.jsonl]
-    [--seeds K] [--seed S] [--name ebrm] [--base-name rm]``.
+    """``swiftjax ebrm refine CANDIDATES.jsonl --features F.npz --ebrm DIR [--out OUT.jsonl]
+    [--seeds K] [--seed S] [--name ebrm] [--base-name rm]`` (also ``swiftjax swift score --refine``).
 
     F.npz holds ``e`` [M, De], ``prompt_id`` [M], ``index`` [M] and ``r0`` [M] (else r0 is read
     from the candidates' ``scores[base-name]``); rows are matched by (prompt_id, index). Writes
     the candidates with ``scores[name]`` = refined and ``scores[base-name]`` = r0, and prints
     base vs refined Best-of-N (and pairwise accuracy when some problems have both labels).
     """
-    p = argparse.ArgumentParser(prog="swiftjax score --refine", description="EBRM-refine stored rewards")
-    p.add_argument("--refine", action="store_true", help="(accepted for the `score --refine` route)")
+    p = argparse.ArgumentParser(prog="swiftjax ebrm refine", description="EBRM-refine stored rewards")
+    p.add_argument("--refine", action="store_true", help="(accepted for the `swift score --refine` route)")
     p.add_argument("candidates")
     p.add_argument("--features", required=True)
     p.add_argument("--ebrm", required=True, help="directory written by save_ebrm (e.g. runs/ebrm/noise_0.2/ebrm)")
@@ -747,6 +819,8 @@ def score_refine_main(argv: Sequence[str]) -> int:
     p.add_argument("--name", default="ebrm")
     p.add_argument("--base-name", default="rm")
     a = p.parse_args(list(argv))
+    out = Path(a.out) if a.out else Path(a.candidates).with_suffix(".refined.jsonl")
+    check_writable(out.parent, "--out")
     params, net, stats, rcfg = load_ebrm(a.ebrm)
     if a.seeds is not None:
         rcfg = dataclasses.replace(rcfg, seeds=a.seeds)
@@ -774,7 +848,6 @@ def score_refine_main(argv: Sequence[str]) -> int:
         r0 = np.array([r["scores"][a.base_name] for r in rows], np.float32)
     refined = refine_scores(params, net, stats, e[sel], r0, rcfg, seed=a.seed)
     scored = _scored_rows(rows, **{a.base_name: r0, a.name: refined})
-    out = Path(a.out) if a.out else Path(a.candidates).with_suffix(".refined.jsonl")
     cands.write_candidates(out, scored)
     _, flat, correct = order_rows(scored)
     n = correct.shape[1]
@@ -789,6 +862,4 @@ def score_refine_main(argv: Sequence[str]) -> int:
 
 def main(argv) -> int:
     """``swiftjax ebrm run CONFIG [k=v ...]`` | ``swiftjax ebrm refine ...`` (a saved energy net)."""
-    from swiftjax.config import subcommand
-
     return subcommand("ebrm", {"run": run_main, "refine": score_refine_main}, argv)

@@ -1,9 +1,13 @@
 """A conventional scalar reward model: a causal LM body with a linear head on the last token.
 
-``RewardModel`` wraps a decoder LM (e.g. the world model, loaded from an HF directory) and adds
-``head = Linear(D, 1)`` applied to the final-normed hidden state of the last non-pad token of a
-right-padded sequence (index ``sum(mask) - 1``). That state is the EBRM embedding ``e``; the
-head's output is the reward ``r0`` (spec: shared/specs/ebrm.md).
+``RewardModel`` wraps the decoder LM of any backbone (:class:`swiftjax.backbone.Backbone`'s
+``model``: any :class:`swiftjax.models.transformer.DecoderLM`; ``D`` is its own config's
+``hidden_size``) and adds ``head = Linear(D, 1)`` applied to the final-normed hidden state of
+the last real token of a right-padded sequence (index ``sum(mask) - 1``). Sequences are the
+backbone's teacher-forced rows (:meth:`swiftjax.backbone.Backbone.encode_pairs`: its rendered
+prompt, the response up to its end-of-turn id, its pad id under a zero attention mask), so
+that token is the response's last. That state is the EBRM embedding ``e``; the head's output
+is the reward ``r0`` (the method: docs/ebrm.md).
 
 Training is Bradley–Terry on (chosen, rejected) pairs, ``-log sigmoid(r_c - r_r)``, through the
 generic loop (:mod:`swiftjax.train.loop`); the body can be partly frozen (train the head and the
@@ -25,11 +29,13 @@ import numpy as np
 from flax import nnx
 
 from swiftjax._checks import check_float, check_int, check_rank, check_same_shape
+from swiftjax.batching import epoch_batches
+from swiftjax.models.transformer import DecoderLM
+from swiftjax.train import loop
 
 __all__ = [
     "RewardModel",
     "init_reward_model",
-    "load_reward_model",
     "last_token_index",
     "rm_forward",
     "bt_loss",
@@ -67,8 +73,6 @@ class RewardModel(nnx.Module):
 
 def init_reward_model(lm, seed: int = 0, head_init_std: float = 0.02) -> RewardModel:
     """A :class:`RewardModel` around ``lm`` (kept by reference, not copied); head from ``seed``."""
-    from swiftjax.models.transformer import DecoderLM
-
     if not isinstance(lm, DecoderLM):
         raise ValueError(f"lm: expected a swiftjax DecoderLM (e.g. from swiftjax.load_model), got {type(lm).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -76,14 +80,6 @@ def init_reward_model(lm, seed: int = 0, head_init_std: float = 0.02) -> RewardM
     if not (np.isfinite(head_init_std) and head_init_std >= 0):
         raise ValueError(f"head_init_std: expected a finite float >= 0, got {head_init_std!r}")
     return RewardModel(lm, rngs=nnx.Rngs(int(seed)), head_init_std=head_init_std)
-
-
-def load_reward_model(model_dir, seed: int = 0, head_init_std: float = 0.02):
-    """(RewardModel, ModelConfig): the body from an HF directory, a fresh head from ``seed``."""
-    from swiftjax.models.load import load_model
-
-    lm, cfg = load_model(model_dir)
-    return init_reward_model(lm, seed, head_init_std), cfg
 
 
 # ----------------------------------------------------------------------------- forward
@@ -308,10 +304,8 @@ class RMTrainConfig:
         if self.epochs is None and self.max_steps is None:
             raise ValueError("RMTrainConfig: expected epochs or max_steps (or both), got neither")
 
-    def optimizer(self):
-        from swiftjax.train.loop import OptimizerConfig
-
-        return OptimizerConfig(name="adamw", lr=float(self.lr), weight_decay=float(self.weight_decay),
+    def optimizer(self) -> loop.OptimizerConfig:
+        return loop.OptimizerConfig(name="adamw", lr=float(self.lr), weight_decay=float(self.weight_decay),
                                warmup_steps=int(self.warmup_steps),
                                clip_norm=None if self.clip_norm is None else float(self.clip_norm))
 
@@ -327,11 +321,12 @@ def pair_arrays(ids, attention_mask, pairs) -> dict[str, np.ndarray]:
     return {"ids_c": ids[pr[:, 0]], "attn_c": attn[pr[:, 0]], "ids_r": ids[pr[:, 1]], "attn_r": attn[pr[:, 1]]}
 
 
+_copy_tree = jax.jit(lambda t: jax.tree.map(jnp.copy, t))  # one compilation, not one per array shape
+
+
 @functools.lru_cache(maxsize=8)
 def _rm_train_step(graphdef, opt_cfg):
     """One jitted BT train step per (model structure, optimizer): reused across runs."""
-    from swiftjax.train import loop
-
     tx = loop.make_optimizer(opt_cfg)
     loss_fn = loop.nnx_loss(graphdef, rm_pair_loss)
     return tx, loop.make_train_step(loss_fn, tx, lr_fn=loop.learning_rate_fn(opt_cfg))
@@ -346,9 +341,6 @@ def train_reward_model(model: RewardModel, ids, attention_mask, pairs, cfg: RMTr
     several times (e.g. once per label-noise level; the jitted step is reused). Batches are
     shuffled per epoch from ``cfg.seed``; the last partial batch is dropped.
     """
-    from swiftjax.batching import epoch_batches
-    from swiftjax.train import loop
-
     if not isinstance(model, RewardModel):
         raise ValueError(f"model: expected a RewardModel, got {type(model).__name__}")
     if not isinstance(cfg, RMTrainConfig):
@@ -357,7 +349,7 @@ def train_reward_model(model: RewardModel, ids, attention_mask, pairs, cfg: RMTr
     n = data["ids_c"].shape[0]
     graphdef, params, frozen = loop.nnx_split(model, trainable_filter(model, cfg.train_last_layers))
     # the train step donates the whole state (frozen part included): copy, keep the input intact
-    params, frozen = jax.tree.map(jnp.copy, (params, frozen))
+    params, frozen = _copy_tree((params, frozen))
     tx, step = _rm_train_step(graphdef, cfg.optimizer())
     state = loop.init_state(params, tx, cfg.seed, frozen=frozen)
     batches = epoch_batches(data, min(cfg.batch_size, n), cfg.seed, shuffle=True, drop_last=True)

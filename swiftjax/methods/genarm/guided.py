@@ -82,7 +82,8 @@ def guided_generate(base, arms: Sequence, alphas, ids, mask=None, *, key=None, c
     """
     arms = list(arms) if not isinstance(arms, nnx.Module) else [arms]
     if not arms:
-        raise ValueError("arms: expected at least one ARM, got none (use decode.generate for plain sampling)")
+        raise ValueError("arms: expected at least one ARM, got none "
+                         "(use swiftjax.sampling.generate for plain sampling)")
     k = len(arms)
     a = np.asarray(alphas, dtype=np.float64) if not isinstance(alphas, jax.Array) else alphas
     if np.shape(a) != (k,):

@@ -40,7 +40,6 @@ __all__ = [
     "lora_modules",
     "set_dropout_key",
     "with_lora_dropout",
-    "count_params",
 ]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -222,7 +221,3 @@ def with_lora_dropout(fn: Callable) -> Callable:
 
     return wrapped
 
-
-def count_params(model, filt=nnx.Param) -> int:
-    """Number of scalars in the variables ``filt`` selects (e.g. ``nnx.LoRAParam``)."""
-    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, filt))))
