@@ -2,9 +2,10 @@
 serves any number of rows.
 
 * :func:`padded_batches` cuts ``n`` rows into ``ceil(n / B)`` index vectors of length ``B``;
-  the last one is padded with ``-1`` (a row that is computed on a copy of row 0 and thrown
-  away). :func:`take` gathers those rows from an array (padding rows read row 0) and
-  :func:`map_batches` runs a function over every batch and scatters the kept outputs back.
+  the last one is padded with ``-1`` (a row computed on a copy of the batch's last real row
+  and thrown away; rows never see each other, so padding changes no real row's output).
+  :func:`take` gathers those rows from an array and :func:`map_batches` runs a function over
+  every batch and keeps the real rows' outputs.
 * :func:`epoch_batches` is the training side: a fresh seeded permutation per epoch, so a
   resumed run sees the same data order.
 """
@@ -33,8 +34,10 @@ def padded_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def take(arr, rows: np.ndarray) -> np.ndarray:
-    """``arr[rows]`` with padding rows (-1) reading row 0."""
-    return np.asarray(arr)[np.maximum(rows, 0)]
+    """``arr[rows]`` with padding rows (-1) reading the batch's last real row."""
+    rows = np.asarray(rows)
+    real = rows[rows >= 0]
+    return np.asarray(arr)[np.where(rows >= 0, rows, real.max() if real.size else 0)]
 
 
 def map_batches(fn: Callable[..., Sequence], arrays: Sequence, batch_size: int, *,

@@ -26,12 +26,14 @@ import numpy as np
 
 from swiftjax._io import atomic_file
 from swiftjax.backbone import Backbone
+from swiftjax.batching import padded_batches, take
 from swiftjax.config import to_plain
 from swiftjax.data import candidates as cands
 from swiftjax.sampling import SamplingConfig, generate
 from swiftjax.tasks import Task
 
-__all__ = ["SamplingSection", "candidate_set", "digest", "split_seed", "check_writable"]
+__all__ = ["SamplingSection", "candidate_set", "digest", "split_seed", "check_writable", "prompt_width",
+           "demonstration_rows"]
 
 _SPLIT_OFFSET = {"test": 0, "train": 1}
 
@@ -81,20 +83,40 @@ def check_writable(path: Path, what: str) -> Path:
     return path
 
 
-def _prompt_len(backbone: Backbone, messages: list[str], cfg: SamplingSection) -> int:
+def prompt_width(backbone: Backbone, messages, *, prompt_len: int | None, max_new_tokens: int,
+                 field: str = "sampling") -> int:
+    """The fixed left-padded prompt width for ``messages``: ``prompt_len`` (an error when a prompt
+    needs more), or the longest prompt rounded up to a multiple of 16; prompt + new tokens must
+    fit the model's context. ``field`` names the config section in errors."""
     longest = max(len(backbone.prompt_ids(m)) for m in dict.fromkeys(messages))
-    if cfg.prompt_len is not None:
-        if longest > cfg.prompt_len:
-            raise ValueError(f"sampling.prompt_len: a prompt needs {longest} tokens, more than prompt_len="
-                             f"{cfg.prompt_len}; raise it or set it to null")
-        width = cfg.prompt_len
+    if prompt_len is not None:
+        if longest > prompt_len:
+            raise ValueError(f"{field}.prompt_len: a prompt needs {longest} tokens, more than prompt_len="
+                             f"{prompt_len}; raise it or set it to null")
+        width = prompt_len
     else:
         width = -(-longest // 16) * 16
     limit = int(backbone.config.max_position_embeddings)
-    if width + cfg.max_new_tokens > limit:
-        raise ValueError(f"sampling: prompt_len {width} + max_new_tokens {cfg.max_new_tokens} exceed the model's "
+    if width + max_new_tokens > limit:
+        raise ValueError(f"{field}: prompt width {width} + max_new_tokens {max_new_tokens} exceed the model's "
                          f"context of {limit} positions")
     return width
+
+
+def demonstration_rows(backbone: Backbone, task: Task, problems, index: int) -> list[dict]:
+    """One candidate row per problem: its demonstration solution (as the backbone renders an
+    assistant turn), graded by the task, at candidate ``index``."""
+    rows = []
+    for p in problems:
+        if p.solution is None:
+            raise ValueError(f"pairs.demonstrations: task {task.name} has no demonstration solution for problem "
+                             f"{p.id!r} (a jsonl task names one with task.solution_field)")
+        msg = task.user_message(p)
+        ans, ok = task.grade(p.solution, p.gold)
+        rows.append({"prompt_id": p.id, "index": index, "prompt": msg, "text": p.solution,
+                     "token_ids": backbone.response_ids(msg, p.solution), "answer": ans, "correct": ok,
+                     "gold": p.gold})
+    return rows
 
 
 def _shard_rows(backbone, task, problems, n, tokens, start):
@@ -131,7 +153,8 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
     ``out_dir`` (see the module doc). Returns (rows in problem-then-index order, path)."""
     problems = task.problems(split)
     messages = [task.user_message(p) for p in problems]
-    width = _prompt_len(backbone, messages, sampling)
+    width = prompt_width(backbone, messages, prompt_len=sampling.prompt_len,
+                         max_new_tokens=sampling.max_new_tokens)
     key = {"format": 3, "model": backbone.digest, "task": task.describe(), "split": split,
            "problems": digest([(p.id, m, p.gold) for p, m in zip(problems, messages)]), "n": n, "seed": seed,
            "sampling": to_plain(sampling), "prompt_len": width,
@@ -156,22 +179,19 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
     rows: list[dict] = []
     t0, done_before = time.time(), 0
     ids = mask = None
-    for b in range(n_batches):
-        s, e = b * bs, min((b + 1) * bs, total)
+    for b, idx in enumerate(padded_batches(total, bs)):
+        keep = idx >= 0
+        s = int(idx[0])
         shard = shard_dir / f"{b:05d}.jsonl"
-        got = _read_shard(shard, e - s, s, n, problems) if shard.is_file() else None
+        got = _read_shard(shard, int(keep.sum()), s, n, problems) if shard.is_file() else None
         if got is not None:
             rows += got
             done_before += 1
             continue
         if ids is None:
             ids, mask = backbone.encode_prompts([m for m in messages for _ in range(n)], width)
-        bi, bm = ids[s:e], mask[s:e]
-        if e - s < bs:  # pad the last batch to the compiled shape
-            bi = np.concatenate([bi, np.repeat(bi[-1:], bs - (e - s), 0)])
-            bm = np.concatenate([bm, np.repeat(bm[-1:], bs - (e - s), 0)])
-        out = generate(backbone.model, bi, bm, key=jax.random.fold_in(base, b), cfg=scfg)
-        new = _shard_rows(backbone, task, problems, n, np.asarray(out.tokens)[: e - s], s)
+        out = generate(backbone.model, take(ids, idx), take(mask, idx), key=jax.random.fold_in(base, b), cfg=scfg)
+        new = _shard_rows(backbone, task, problems, n, np.asarray(out.tokens)[keep], s)
         cands.write_candidates(shard, new)
         rows += new
         if progress:

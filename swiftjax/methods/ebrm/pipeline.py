@@ -63,7 +63,7 @@ from swiftjax.methods.ebrm.reward_model import (RMTrainConfig, check_pairs, flip
 from swiftjax.methods.swift import features as feats
 from swiftjax.methods.swift import head as swift_head
 from swiftjax.methods.swift.head_io import load_head
-from swiftjax.sample import SamplingSection, candidate_set, check_writable
+from swiftjax.sample import SamplingSection, candidate_set, check_writable, demonstration_rows
 from swiftjax.tasks import Task, TaskConfig, make_task
 from swiftjax.train import loop
 from swiftjax.train.ckpt import Checkpointer
@@ -78,7 +78,6 @@ __all__ = [
     "RefineConfig",
     "backbone_of",
     "training_rows",
-    "demonstration_rows",
     "order_rows",
     "encode_rows",
     "candidate_pairs",
@@ -265,22 +264,6 @@ def backbone_of(cfg) -> Backbone:
 
 
 # ----------------------------------------------------------------------------- candidates
-
-
-def demonstration_rows(backbone: Backbone, task: Task, problems, index: int) -> list[dict]:
-    """One candidate row per problem: its demonstration solution (as the backbone renders an
-    assistant turn), graded by the task, at candidate ``index``."""
-    rows = []
-    for p in problems:
-        if p.solution is None:
-            raise ValueError(f"pairs.demonstrations: task {task.name} has no demonstration solution for problem "
-                             f"{p.id!r} (a jsonl task names one with task.solution_field)")
-        msg = task.user_message(p)
-        ans, ok = task.grade(p.solution, p.gold)
-        rows.append({"prompt_id": p.id, "index": index, "prompt": msg, "text": p.solution,
-                     "token_ids": backbone.response_ids(msg, p.solution), "answer": ans, "correct": ok,
-                     "gold": p.gold})
-    return rows
 
 
 def training_rows(backbone: Backbone, task: Task, rows, n: int, demonstrations: bool) -> list[dict]:

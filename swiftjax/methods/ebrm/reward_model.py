@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from swiftjax._checks import check_float, check_int, check_rank, check_same_shape
-from swiftjax.batching import epoch_batches
+from swiftjax.batching import epoch_batches, map_batches
 from swiftjax.models.transformer import DecoderLM
 from swiftjax.train import loop
 
@@ -371,17 +371,6 @@ def score_responses(model: RewardModel, ids, attention_mask, batch_size: int = 1
     _check_ids_mask(ids, attn)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    n = ids.shape[0]
-    bs = int(min(batch_size, n))
     graphdef, state = nnx.split(model)
-    rs, es = [], []
-    for s in range(0, n, bs):
-        bi, bm = ids[s:s + bs], attn[s:s + bs]
-        pad = bs - bi.shape[0]
-        if pad:
-            bi = np.concatenate([bi, np.repeat(bi[-1:], pad, 0)])
-            bm = np.concatenate([bm, np.repeat(bm[-1:], pad, 0)])
-        r, e = _score_jit(graphdef, state, jnp.asarray(bi), jnp.asarray(bm))
-        rs.append(np.asarray(r)[: bs - pad])
-        es.append(np.asarray(e)[: bs - pad])
-    return np.concatenate(rs).astype(np.float32), np.concatenate(es).astype(np.float32)
+    r, e = map_batches(lambda i, m: _score_jit(graphdef, state, i, m), (ids, attn), int(min(batch_size, ids.shape[0])))
+    return r.astype(np.float32), e.astype(np.float32)

@@ -57,7 +57,7 @@ from flax import nnx
 
 from swiftjax._io import atomic_file
 from swiftjax.backbone import Backbone, BackboneConfig, load_backbone
-from swiftjax.batching import epoch_batches
+from swiftjax.batching import epoch_batches, padded_batches, take
 from swiftjax.config import parse_typed, subcommand, to_plain
 from swiftjax.logprobs import response_token_logprobs, sft_loss
 from swiftjax.methods.genarm import arm as arm_lib
@@ -65,13 +65,13 @@ from swiftjax.methods.genarm import lora as lora_lib
 from swiftjax.methods.genarm.guided import guided_generate
 from swiftjax.models.load import save_model
 from swiftjax.models.registry import create_model
-from swiftjax.sample import SamplingSection, candidate_set, check_writable
+from swiftjax.sample import SamplingSection, candidate_set, check_writable, demonstration_rows, prompt_width
 from swiftjax.sampling import SamplingConfig, generate
 from swiftjax.tasks import Task, TaskConfig, make_task
 from swiftjax.train import loop, metrics
 
 __all__ = ["GenarmConfig", "CandidatesSection", "PairsSection", "ArmTrainConfig", "WeakSection", "GuideSection",
-           "ARM_NAMES", "backbone_of", "arm_dir", "demonstration_rows", "training_candidates", "correctness_pairs",
+           "ARM_NAMES", "backbone_of", "arm_dir", "training_candidates", "correctness_pairs",
            "brevity_pairs", "encode_pairs", "split_pairs", "make_arm_loss", "copy_model", "truncated_model",
            "train_arm", "sft_warmup", "train", "save_arm", "load_arms", "decode_all", "score_tokens", "guide",
            "markdown", "main"]
@@ -486,22 +486,6 @@ def sft_warmup(model, data: dict[str, np.ndarray], wcfg: WeakSection, seed: int,
 # ----------------------------------------------------------------------------- train
 
 
-def demonstration_rows(backbone: Backbone, task: Task, problems, index: int) -> list[dict]:
-    """One candidate row per problem: its demonstration solution (as the backbone renders an
-    assistant turn), graded by the task, at candidate ``index``."""
-    rows = []
-    for p in problems:
-        if p.solution is None:
-            raise ValueError(f"pairs.demonstrations: task {task.name} has no demonstration solution for problem "
-                             f"{p.id!r} (a jsonl task names one with task.solution_field)")
-        msg = task.user_message(p)
-        ans, ok = task.grade(p.solution, p.gold)
-        rows.append({"prompt_id": p.id, "index": index, "prompt": msg, "text": p.solution,
-                     "token_ids": backbone.response_ids(msg, p.solution), "answer": ans, "correct": ok,
-                     "gold": p.gold})
-    return rows
-
-
 def training_candidates(cfg: GenarmConfig, backbone: Backbone, task: Task, *, log=print) -> tuple[list[dict], Path]:
     """The training problems' candidates (sampled or reused, :func:`swiftjax.sample.candidate_set`),
     plus each problem's demonstration (index ``candidates.n``) with ``pairs.demonstrations``."""
@@ -631,34 +615,21 @@ def load_arms(cfg: GenarmConfig, backbone: Backbone) -> dict:
     return arms
 
 
-def _prompt_width(backbone: Backbone, messages, sampling: SamplingSection) -> int:
-    longest = max(len(backbone.prompt_ids(m)) for m in dict.fromkeys(messages))
-    if sampling.prompt_len is None:
-        return -(-longest // 16) * 16
-    if longest > sampling.prompt_len:
-        raise ValueError(f"guide.sampling.prompt_len: a prompt needs {longest} tokens, more than "
-                         f"prompt_len={sampling.prompt_len}; raise it or set it to null")
-    return sampling.prompt_len
-
-
 def decode_all(base, arms, alphas, ids, mask, scfg: SamplingConfig, *, batch_size: int, seed: int) -> np.ndarray:
     """Tokens [R, max_new_tokens] of every prompt row, decoded in fixed [batch_size, T] batches
     with keys fold_in(key(seed), batch) (the same keys for every method: common random numbers)."""
     root = jax.random.key(seed)
     total = len(ids)
     out = np.zeros((total, scfg.max_new_tokens), np.int32)
-    for b, s in enumerate(range(0, total, batch_size)):
-        e = min(s + batch_size, total)
-        bi, bm = ids[s:e], mask[s:e]
-        if e - s < batch_size:
-            bi = np.concatenate([bi, np.repeat(bi[-1:], batch_size - (e - s), 0)])
-            bm = np.concatenate([bm, np.repeat(bm[-1:], batch_size - (e - s), 0)])
+    for b, idx in enumerate(padded_batches(total, batch_size)):
+        keep = idx >= 0
+        bi, bm = take(ids, idx), take(mask, idx)
         key = jax.random.fold_in(root, b)
         if arms:
             res = guided_generate(base, arms, alphas, bi, bm, key=key, cfg=scfg)
         else:
             res = generate(base, bi, bm, key=key, cfg=scfg)
-        out[s:e] = np.asarray(res.tokens)[: e - s]
+        out[idx[keep]] = np.asarray(res.tokens)[keep]
     return out
 
 
@@ -690,7 +661,9 @@ def guide(cfg: GenarmConfig, *, log=print) -> dict:
     arms = load_arms(cfg, backbone)
     problems = task.problems(g.split)
     messages = [task.user_message(p) for p in problems for _ in range(g.n)]
-    ids, mask = backbone.encode_prompts(messages, _prompt_width(backbone, messages, g.sampling))
+    ids, mask = backbone.encode_prompts(messages, prompt_width(backbone, messages, prompt_len=g.sampling.prompt_len,
+                                                          max_new_tokens=g.sampling.max_new_tokens,
+                                                          field="guide.sampling"))
     scfg = SamplingConfig(max_new_tokens=g.sampling.max_new_tokens, temperature=g.sampling.temperature,
                           top_k=g.sampling.top_k, top_p=g.sampling.top_p, eos_ids=backbone.eos_ids,
                           pad_id=backbone.pad_id)

@@ -38,6 +38,7 @@ from swiftjax.backbone import Backbone, BackboneConfig, load_backbone
 from swiftjax.batching import check_batch_size, epoch_batches, padded_batches, take
 from swiftjax.config import to_plain
 from swiftjax.models.load import save_model
+from swiftjax.sample import prompt_width as sample_prompt_width
 from swiftjax.sampling import SamplingConfig, generate
 from swiftjax.tasks import Problem, Task
 from swiftjax.train import loop
@@ -298,19 +299,8 @@ def ensure_sft_policy(bcfg: BackboneConfig, task: Task, sft: SFTSection, out: Pa
 
 
 def prompt_width(backbone: Backbone, messages: Sequence[str], gen: GenerationSection) -> int:
-    longest = max(len(backbone.prompt_ids(m)) for m in dict.fromkeys(messages))
-    if gen.prompt_len is not None:
-        if longest > gen.prompt_len:
-            raise ValueError(f"generation.prompt_len: a prompt needs {longest} tokens, more than prompt_len="
-                             f"{gen.prompt_len}; raise it or set it to null")
-        width = gen.prompt_len
-    else:
-        width = _round16(longest)
-    limit = int(backbone.config.max_position_embeddings)
-    if width + gen.max_new_tokens > limit:
-        raise ValueError(f"generation: prompt width {width} + max_new_tokens {gen.max_new_tokens} exceed the "
-                         f"model's context of {limit} positions")
-    return width
+    return sample_prompt_width(backbone, messages, prompt_len=gen.prompt_len, max_new_tokens=gen.max_new_tokens,
+                               field="generation")
 
 
 def sampling_config(backbone: Backbone, gen: GenerationSection, temperature: float) -> SamplingConfig:

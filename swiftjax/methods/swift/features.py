@@ -39,6 +39,7 @@ from flax import nnx
 
 from swiftjax.methods.swift import head as swift
 from swiftjax._checks import check_int, check_rank, check_same_shape
+from swiftjax.batching import padded_batches, take
 from swiftjax.sampling import LMDecoder, SamplingConfig, check_ids_in_vocab, run_sampler
 from swiftjax.models.config import ModelConfig
 from swiftjax.models.transformer import HiddenState, LayerProjection, Taps
@@ -309,19 +310,6 @@ class FeatureBatch(NamedTuple):
     mask: np.ndarray
 
 
-def _padded_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
-    """Row indices [batch_size] per batch, the last padded with -1."""
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, start + batch_size, dtype=np.int64)
-        rows[rows >= n] = -1
-        yield rows
-
-
-def _take(arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Rows of ``arr``; padding rows (-1) repeat row ``rows[0]`` (a real row: a finite forward)."""
-    return arr[np.where(rows >= 0, rows, rows[0])]
-
-
 def _check_batch_size(batch_size) -> int:
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
@@ -353,10 +341,10 @@ def iter_feature_batches(model, ids, attention_mask, response_mask, spec: Featur
     graphdef, state = nnx.split(model)
     layers = _layers_or_empty(spec, cfg)
     n = ids.shape[0]
-    batches = _padded_batches(n, batch_size)
+    batches = padded_batches(n, batch_size)
     for rows in _progress(batches, -(-n // batch_size), progress, "features"):
-        m = _take(resp, rows) * (rows >= 0)[:, None]
-        x = _extract(state, _take(ids, rows), _take(attn, rows), m, graphdef=graphdef,
+        m = take(resp, rows) * (rows >= 0)[:, None]
+        x = _extract(state, take(ids, rows), take(attn, rows), m, graphdef=graphdef,
                      spec=spec, layers=layers)
         yield FeatureBatch(rows=rows, features=x, mask=m)
 
@@ -512,8 +500,8 @@ def fused_scores_batched(model, params, spec: FeatureSpec, ids, attention_mask, 
     layers = _layers_or_empty(spec, cfg)
     n = ids.shape[0]
     out = np.zeros((n,), np.float32)
-    for rows in _progress(_padded_batches(n, batch_size), -(-n // batch_size), progress, "score"):
-        s = _fused(state, params, _take(ids, rows), _take(attn, rows), _take(resp, rows),
+    for rows in _progress(padded_batches(n, batch_size), -(-n // batch_size), progress, "score"):
+        s = _fused(state, params, take(ids, rows), take(attn, rows), take(resp, rows),
                    graphdef=graphdef, spec=spec, layers=layers)
         keep = rows >= 0
         out[rows[keep]] = np.asarray(s)[keep]
