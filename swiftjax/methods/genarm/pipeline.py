@@ -65,6 +65,7 @@ from swiftjax.methods.genarm import lora as lora_lib
 from swiftjax.methods.genarm.guided import guided_generate
 from swiftjax.models.load import save_model
 from swiftjax.models.registry import create_model
+from swiftjax.methods.preference.pairs import PreferencePairs
 from swiftjax.sample import SamplingSection, candidate_set, check_writable, demonstration_rows, prompt_width
 from swiftjax.sampling import SamplingConfig, generate
 from swiftjax.tasks import Task, TaskConfig, make_task
@@ -288,29 +289,28 @@ def brevity_pairs(rows, backbone: Backbone, max_per_prompt: int, min_gap: int, s
     return out
 
 
-def encode_pairs(backbone: Backbone, pairs, max_len: int | None) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
-    """Right-padded arrays ``{ids,mask,resp}_{w,l}`` [N, T] int32 of the backbone's prompt +
-    response (resp marks the response tokens; pad: the backbone's), T = ``max_len`` (null: the
-    longest pair rounded up to 16); pairs that do not fit in ``max_len`` are dropped. Returns
-    (arrays, n_dropped, groups [N]: the index of each kept pair's prompt in order of first
-    appearance)."""
+def encode_pairs(backbone: Backbone, pairs, max_len: int | None) -> tuple[PreferencePairs, int, np.ndarray]:
+    """The project's one pair type (:class:`PreferencePairs`, no reference columns) of the
+    backbone's prompt + response, right-padded to T = ``max_len`` (null: the longest pair
+    rounded up to 16); pairs that do not fit in ``max_len`` are dropped. Returns (pairs,
+    n_dropped, groups [N]: the index of each kept pair's prompt in order of first appearance)."""
     plen = {q: len(backbone.prompt_ids(q)) for q in dict.fromkeys(q for q, _, _ in pairs)}
     need = [plen[q] + max(len(w), len(l)) for q, w, l in pairs]
     width = max_len if max_len is not None else max(16, -(-max(need, default=1) // 16) * 16)
     kept = [p for p, k in zip(pairs, need) if k <= width]
     group_of: dict[str, int] = {}
     groups = np.asarray([group_of.setdefault(q, len(group_of)) for q, _, _ in kept], np.int64)
-    arrays = {}
-    for tag, col in (("w", 1), ("l", 2)):
+    sides = []
+    for col in (1, 2):
         if kept:
-            ids, mask, resp = backbone.encode_pairs([p[0] for p in kept], [p[col] for p in kept], width)
+            sides.append(backbone.encode_pairs([p[0] for p in kept], [p[col] for p in kept], width))
         else:
-            ids = mask = resp = np.zeros((0, width), np.int32)
-        arrays.update({f"ids_{tag}": ids, f"mask_{tag}": mask, f"resp_{tag}": resp})
-    return arrays, len(pairs) - len(kept), groups
+            sides.append((np.zeros((0, width), np.int32),) * 3)
+    return PreferencePairs.build(*sides), len(pairs) - len(kept), groups
 
 
-def split_pairs(arrays: dict, groups, val_frac: float, seed: int) -> tuple[dict, dict | None]:
+def split_pairs(pairs: PreferencePairs, groups, val_frac: float, seed: int) -> tuple[PreferencePairs,
+                                                                                   PreferencePairs | None]:
     """(train, validation) split BY PROBLEM: a seeded ``round(val_frac * problems)`` of the
     problems (``groups`` [N], one id per pair) hold out all their pairs, so the validation
     accuracy measures generalisation to new problems. Validation is None when it would be
@@ -318,15 +318,15 @@ def split_pairs(arrays: dict, groups, val_frac: float, seed: int) -> tuple[dict,
     if not 0.0 <= val_frac < 1.0:
         raise ValueError(f"pairs.val_frac: expected a number in [0, 1), got {val_frac!r}")
     groups = np.asarray(groups)
-    if groups.shape != (len(arrays["ids_w"]),):
-        raise ValueError(f"groups: expected one id per pair ({len(arrays['ids_w'])},), got {groups.shape}")
+    if groups.shape != (len(pairs),):
+        raise ValueError(f"groups: expected one id per pair ({len(pairs)},), got {groups.shape}")
     uniq = np.unique(groups)
     n_val = min(int(round(len(uniq) * val_frac)), len(uniq) - 1) if len(uniq) > 1 else 0
     if n_val == 0:
-        return arrays, None
+        return pairs, None
     held = np.random.default_rng(seed).permutation(uniq)[:n_val]
     is_val = np.isin(groups, held)
-    return {k: v[~is_val] for k, v in arrays.items()}, {k: v[is_val] for k, v in arrays.items()}
+    return pairs.take(np.flatnonzero(~is_val)), pairs.take(np.flatnonzero(is_val))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -334,12 +334,12 @@ def split_pairs(arrays: dict, groups, val_frac: float, seed: int) -> tuple[dict,
 
 def pair_logprobs(model, batch):
     """Summed response-token log-probs of chosen and rejected ([B] each), one forward of [2B, T]."""
-    ids = jnp.concatenate([batch["ids_w"], batch["ids_l"]])
-    mask = jnp.concatenate([batch["mask_w"], batch["mask_l"]])
-    resp = jnp.concatenate([batch["resp_w"], batch["resp_l"]])
+    ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
+    mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    resp = jnp.concatenate([batch["chosen_response_mask"], batch["rejected_response_mask"]])
     lp, m = response_token_logprobs(model, ids, mask, resp)
     seq = jnp.sum(lp * m, axis=-1)
-    n = batch["ids_w"].shape[0]
+    n = batch["chosen_ids"].shape[0]
     return seq[:n], seq[n:], m[:n].sum(-1), m[n:].sum(-1)
 
 
@@ -407,13 +407,15 @@ def _arm_train_step(graphdef, opt: loop.OptimizerConfig, tcfg: ArmTrainConfig):
     return tx, fn, loop.make_train_step(loss_fn, tx, lr_fn=loop.learning_rate_fn(opt))
 
 
-def train_arm(model, train_arrays: dict, val_arrays: dict | None, tcfg: ArmTrainConfig, seed: int, *, desc: str,
+def train_arm(model, train_pairs: PreferencePairs, val_pairs: PreferencePairs | None, tcfg: ArmTrainConfig,
+              seed: int, *, desc: str,
               progress: bool = True, writer=None):
     """Train ``model`` (its arrays are donated: pass a copy to keep the original) with the ARM loss.
 
     Full fine-tune, or LoRA adapters (merged into the weights before returning) when
     ``tcfg.lora``. Returns (model, summary dict)."""
-    n = len(train_arrays["ids_w"])
+    n = len(train_pairs)
+    train_arrays = train_pairs.arrays()
     if n == 0:
         raise ValueError(f"{desc}: expected preference pairs to train on, got none")
     bs = min(tcfg.batch_size, n)
@@ -426,10 +428,10 @@ def train_arm(model, train_arrays: dict, val_arrays: dict | None, tcfg: ArmTrain
     tx, fn, step = _arm_train_step(graphdef, opt, tcfg)
     state = loop.init_state(params, tx, seed, frozen=frozen)
     eval_fn = None
-    if val_arrays is not None and len(val_arrays["ids_w"]):
-        vb = min(64, len(val_arrays["ids_w"]))
-        val_batches = [{k: jnp.asarray(v[i:i + vb]) for k, v in val_arrays.items()}
-                       for i in range(0, len(val_arrays["ids_w"]) - vb + 1, vb)]
+    if val_pairs is not None and len(val_pairs):
+        vb = min(64, len(val_pairs))
+        val_batches = [{k: jnp.asarray(np.asarray(v)[i:i + vb]) for k, v in val_pairs.arrays().items()}
+                       for i in range(0, len(val_pairs) - vb + 1, vb)]
 
         def metric(p, b, fr):
             return fn(loop.nnx_merge(graphdef, p, fr), b)[1]
@@ -559,15 +561,15 @@ def train(cfg: GenarmConfig, backbone: Backbone | None = None, task: Task | None
                "candidate_accuracy": float(np.mean([r["correct"] for r in rows])) if rows else 0.0,
                "pairs": {}, "arms": {}, "config": to_plain(cfg)}
     for name, pairs in pair_sets.items():
-        arrays, dropped, groups = encode_pairs(backbone, pairs, p.max_len)
-        encoded[name] = split_pairs(arrays, groups, p.val_frac, cfg.seed)
+        encoded_pairs, dropped, groups = encode_pairs(backbone, pairs, p.max_len)
+        encoded[name] = split_pairs(encoded_pairs, groups, p.val_frac, cfg.seed)
         summary["pairs"][name] = {"total": len(pairs), "dropped_too_long": dropped,
-                                  "val": 0 if encoded[name][1] is None else len(encoded[name][1]["ids_w"])}
+                                  "val": 0 if encoded[name][1] is None else len(encoded[name][1])}
     with metrics.JsonlWriter(out / "train_metrics.jsonl") as writer:
         for name in cfg.arms:
             source = "correct" if name == "weak" else name
             data = encoded[source]
-            if len(data[0]["ids_w"]) == 0:
+            if len(data[0]) == 0:
                 summary["arms"][name] = {"skipped": f"no {source} pairs"}
                 log(f"genarm train: skipping the {name} ARM: no {source} pairs")
                 continue

@@ -75,32 +75,32 @@ def test_pairs_and_encoding(toy):
         gr.brevity_pairs(rows, bb, 2, 3, 0, among="some")
 
     arrays, dropped, groups = gr.encode_pairs(bb, pairs, max_len=None)
-    width = arrays["ids_w"].shape[1]
-    assert dropped == 0 and width % 16 == 0 and arrays["ids_w"].shape[0] == len(pairs)
+    width = arrays.max_len
+    assert dropped == 0 and width % 16 == 0 and len(arrays) == len(pairs)
     order = list(dict.fromkeys(q for q, _, _ in pairs))
     np.testing.assert_array_equal(groups, [order.index(q) for q, _, _ in pairs])
     for i, (prompt, w, l) in enumerate(pairs):
         p = bb.prompt_ids(prompt)
-        for tag, resp in (("w", w), ("l", l)):
-            ids, mask, rm = (arrays[f"{k}_{tag}"][i] for k in ("ids", "mask", "resp"))
+        for side, resp in (("chosen", w), ("rejected", l)):
+            ids, mask, rm = (np.asarray(a)[i] for a in arrays.side(side))
             assert list(ids[: len(p) + len(resp)]) == p + resp and (ids[len(p) + len(resp):] == bb.pad_id).all()
             assert mask.sum() == len(p) + len(resp) and rm.sum() == len(resp) and rm[len(p)] == 1
     need = [len(bb.prompt_ids(q)) + max(len(w), len(l)) for q, w, l in pairs]
     cut = sorted(need)[len(need) // 2]
     short, dropped, _ = gr.encode_pairs(bb, pairs, max_len=cut)
-    assert dropped == sum(k > cut for k in need) and short["ids_w"].shape == (len(pairs) - dropped, cut)
+    assert dropped == sum(k > cut for k in need) and short.chosen_ids.shape == (len(pairs) - dropped, cut)
     none, dropped, _ = gr.encode_pairs(bb, pairs, max_len=10)
-    assert dropped == len(pairs) and none["ids_w"].shape == (0, 10)
+    assert dropped == len(pairs) and none.chosen_ids.shape == (0, 10)
     tr, va = gr.split_pairs(arrays, groups, 0.5, seed=0)  # 2 of 4 problems held out
-    assert len(va["ids_w"]) == 2 * 3 and len(tr["ids_w"]) == 2 * 3
-    together = np.concatenate([tr["ids_w"], va["ids_w"]])
-    assert sorted(map(bytes, together)) == sorted(map(bytes, arrays["ids_w"]))
+    assert len(va) == 2 * 3 and len(tr) == 2 * 3
+    together = np.concatenate([tr.chosen_ids, va.chosen_ids])
+    assert sorted(map(bytes, together)) == sorted(map(bytes, np.asarray(arrays.chosen_ids)))
 
     def prompt_of(ids, resp):
         return bytes(ids[: int(np.argmax(resp))])
 
-    assert not ({prompt_of(i, r) for i, r in zip(tr["ids_w"], tr["resp_w"])}
-                & {prompt_of(i, r) for i, r in zip(va["ids_w"], va["resp_w"])})  # split by problem
+    assert not ({prompt_of(i, r) for i, r in zip(tr.chosen_ids, tr.chosen_response_mask)}
+                & {prompt_of(i, r) for i, r in zip(va.chosen_ids, va.chosen_response_mask)})  # split by problem
     assert gr.split_pairs(arrays, groups, 0.0, seed=0)[1] is None
     with pytest.raises(ValueError, match="val_frac"):
         gr.split_pairs(arrays, groups, 1.0, seed=0)
