@@ -1,4 +1,4 @@
-"""Metric writers: one JSON object a line, and TensorBoard when a writer library is installed.
+"""Metric writers: one JSON object a line (jsonl), read back with ``read_jsonl``.
 
 Only the main process writes (``is_main_process``); on other hosts the writers are silent
 no-ops, so multi-host scripts can call them unconditionally. Values may be Python numbers,
@@ -82,76 +82,3 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """All records of a jsonl metrics file."""
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-def _summary_writer_class():
-    """tensorboardX's or torch's SummaryWriter, or None when neither can be imported."""
-    try:
-        from tensorboardX import SummaryWriter  # type: ignore
-
-        return SummaryWriter
-    except Exception:
-        pass
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # type: ignore  (needs tensorboard)
-
-        return SummaryWriter
-    except Exception:
-        return None
-
-
-def tensorboard_available() -> bool:
-    return _summary_writer_class() is not None
-
-
-class TensorBoardWriter:
-    """Scalars to TensorBoard event files; inactive (no-op) when no writer library is installed
-    or on processes other than 0. Non-scalar metrics are skipped."""
-
-    def __init__(self, logdir: str | os.PathLike, *, process_index: int | None = None):
-        cls = _summary_writer_class()
-        self.active = cls is not None and is_main_process(process_index)
-        self._w = cls(str(logdir)) if self.active else None
-
-    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        if self._w is None:
-            return
-        for k, v in metrics.items():
-            v = to_python(v)
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                self._w.add_scalar(str(k), v, int(step))
-        self._w.flush()
-
-    def close(self) -> None:
-        if self._w is not None:
-            self._w.close()
-            self._w = None
-
-
-class MultiWriter:
-    """Fans each write out to several writers."""
-
-    def __init__(self, *writers: MetricsWriter):
-        self.writers = [w for w in writers if w is not None]
-
-    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        for w in self.writers:
-            w.write(step, metrics)
-
-    def close(self) -> None:
-        for w in self.writers:
-            w.close()
-
-
-def make_writer(
-    logdir: str | os.PathLike,
-    *,
-    filename: str = "metrics.jsonl",
-    tensorboard: bool = True,
-    process_index: int | None = None,
-) -> MultiWriter:
-    """``logdir/metrics.jsonl`` plus TensorBoard events in ``logdir/tb`` when available."""
-    writers: list[MetricsWriter] = [JsonlWriter(Path(logdir) / filename, process_index=process_index)]
-    if tensorboard and tensorboard_available():
-        writers.append(TensorBoardWriter(Path(logdir) / "tb", process_index=process_index))
-    return MultiWriter(*writers)

@@ -55,7 +55,7 @@ from swiftjax import bon
 from swiftjax._io import atomic_file
 from swiftjax.backbone import Backbone, BackboneConfig, load_backbone
 from swiftjax.batching import epoch_batches
-from swiftjax.config import parse_typed, subcommand, to_dataclass, to_plain
+from swiftjax.config import build, parse_typed, subcommand, to_plain
 from swiftjax.data import candidates as cands
 from swiftjax.methods.ebrm import energy as ebrm
 from swiftjax.methods.ebrm.reward_model import (RMTrainConfig, check_pairs, flip_pairs, init_reward_model,
@@ -522,13 +522,13 @@ def load_ebrm(directory):
     if not (d / "ebrm.json").is_file():
         raise ValueError(f"ebrm: expected a directory saved by save_ebrm (with ebrm.json), got {d}")
     meta = json.loads((d / "ebrm.json").read_text())
-    net = to_dataclass(ebrm.EBRMConfig, meta["net"], "ebrm.net")
+    net = build(ebrm.EBRMConfig, meta["net"], "ebrm.net")
     target = ebrm.init_params(jax.random.key(0), net)
     with Checkpointer(d / "params", max_to_keep=1, async_save=False) as ck:
         restored = ck.restore(target)
     if restored is None:
         raise ValueError(f"ebrm: expected a readable checkpoint under {d / 'params'}, found none")
-    return restored.state, net, tuple(meta["stats"]), to_dataclass(RefineConfig, meta["refine"], "ebrm.refine")
+    return restored.state, net, tuple(meta["stats"]), build(RefineConfig, meta["refine"], "ebrm.refine")
 
 
 SWIFT_KEYS = ("e_train", "r0_train", "pairs_train", "e_test", "r0_test", "correct_test")
