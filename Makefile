@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Two workers (the 2-core CI machine; most of the time is XLA compilation, one thread each);
+# a file's tests stay in one worker so its module fixtures are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) -m swiftjax.cli demo configs/demo.yaml

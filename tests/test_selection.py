@@ -64,7 +64,7 @@ def test_filter_vote_and_borda_brute_force():
 
 def test_estimate_at_k_is_exact_expectation_in_the_limit():
     rng = np.random.default_rng(2)
-    p, n = 40, 5
+    p, n = 24, 5
     correct = rng.random((p, n)) < 0.4
     scores = rng.normal(size=(p, n))
     answers = [[("ok" if c else f"w{j}") for j, c in enumerate(row)] for row in correct]
@@ -72,10 +72,10 @@ def test_estimate_at_k_is_exact_expectation_in_the_limit():
     for k in (1, 2, 3):
         exact = np.mean([np.mean([correct[i, list(s)][np.argmax(scores[i, list(s)])]
                                   for s in itertools.combinations(range(n), k)]) for i in range(p)]) * 100
-        est, se = S.estimate_at_k("best", answers, scores, correct, [k], draws=2000, seed=0)[k]
-        assert abs(est - exact) < 1.5 and se > 0
+        est, se = S.estimate_at_k("best", answers, scores, correct, [k], draws=800, seed=0)[k]
+        assert abs(est - exact) < 1.5 and se > 0  # ~4 Monte-Carlo s.d.
     assert S.estimate_at_k("best", answers, scores, correct, [n])[n][0] == pytest.approx(
         correct[np.arange(p), scores.argmax(1)].mean() * 100)
     # k = 1 of any rule is the mean accuracy
-    assert S.estimate_at_k("majority", answers, None, correct, [1], draws=3000)[1][0] == pytest.approx(
-        correct.mean() * 100, abs=1.0)
+    assert S.estimate_at_k("majority", answers, None, correct, [1], draws=1000)[1][0] == pytest.approx(
+        correct.mean() * 100, abs=2.0)
