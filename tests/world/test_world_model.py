@@ -9,6 +9,7 @@ import torch
 import transformers
 
 import swiftjax
+from swiftjax._io import file_sha256
 from swiftjax.backbone import load_backbone
 from swiftjax.config import parse_typed
 from swiftjax.sample import SamplingSection, candidate_set
@@ -78,7 +79,7 @@ def test_shipped_model_is_what_the_manifest_says():
     if not (d / "model.safetensors").is_file():
         pytest.skip("no shipped world model in this checkout")
     manifest = json.loads((d / "MANIFEST.json").read_text())
-    assert wexp.file_digest(d / "model.safetensors") == manifest["sha256"]["model.safetensors"]
+    assert file_sha256(d / "model.safetensors") == manifest["sha256"]["model.safetensors"]
     model, cfg = swiftjax.load_model(d)
     hf = transformers.AutoModelForCausalLM.from_pretrained(d).float().eval()
     ids = np.array([[wtok.BOS_ID, wtok.USER_ID, 20, 21, 22, wtok.ASSISTANT_ID]])

@@ -32,7 +32,6 @@ accuracy, pass@1 and the reference solutions' log-prob on the task's test proble
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -42,6 +41,7 @@ from typing import Literal, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from swiftjax._io import file_sha256
 from swiftjax.backbone import Backbone, BackboneConfig, load_backbone
 from swiftjax.config import to_plain
 from swiftjax.data import candidates as cands
@@ -199,20 +199,12 @@ class MRPORunConfig:
 # ============================================================================= pairs
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _candidates(cfg: MRPORunConfig, policy: Backbone, task: Task, out: Path, log):
     """(rows, source description, whether the rows' token ids are the policy's own samples)."""
     c, g = cfg.candidates, cfg.generation
     if c.path:
         path = Path(c.path)
-        return cands.read_candidates(path), {"path": str(path), "sha256": _file_sha(path)}, False
+        return cands.read_candidates(path), {"path": str(path), "sha256": file_sha256(path)}, False
     sampling = SamplingSection(temperature=c.temperature, top_p=g.top_p, top_k=g.top_k,
                                max_new_tokens=g.max_new_tokens, prompt_len=g.prompt_len, batch_size=g.batch_size)
     rows, path = candidate_set(policy, task, "train", n=c.n, sampling=sampling, seed=c.seed, out_dir=out,
