@@ -9,13 +9,16 @@ the sampling settings and the batch layout). Rows are decoded in fixed
 and is written atomically as one shard (``<name>.shards/NNNNN.jsonl``). A killed run
 restarts at the first missing shard, and the finished set is identical to an uninterrupted
 run's. Samples depend on the batch layout (which rows share a batch's key): ``batch_size``
-and ``prompt_len`` are part of the name, so changing them samples a new set.
+and ``prompt_len`` are part of the name, so changing them samples a new set. A batch's runs
+of identical prompts (the N samples of a problem) are prefilled once and their cache
+broadcast (key format 4; sets of format 3 prefilled every row and are not reused).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -155,7 +158,7 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
     messages = [task.user_message(p) for p in problems]
     width = prompt_width(backbone, messages, prompt_len=sampling.prompt_len,
                          max_new_tokens=sampling.max_new_tokens)
-    key = {"format": 3, "model": backbone.digest, "task": task.describe(), "split": split,
+    key = {"format": 4, "model": backbone.digest, "task": task.describe(), "split": split,
            "problems": digest([(p.id, m, p.gold) for p, m in zip(problems, messages)]), "n": n, "seed": seed,
            "sampling": to_plain(sampling), "prompt_len": width,
            "eos_ids": list(backbone.eos_ids), "pad_id": backbone.pad_id}
@@ -179,6 +182,7 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
     rows: list[dict] = []
     t0, done_before = time.time(), 0
     ids = mask = None
+    groups = math.gcd(n, bs)  # a batch's rows come in runs of identical prompts: prefill each run once
     for b, idx in enumerate(padded_batches(total, bs)):
         keep = idx >= 0
         s = int(idx[0])
@@ -190,7 +194,8 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
             continue
         if ids is None:
             ids, mask = backbone.encode_prompts([m for m in messages for _ in range(n)], width)
-        out = generate(backbone.model, take(ids, idx), take(mask, idx), key=jax.random.fold_in(base, b), cfg=scfg)
+        out = generate(backbone.model, take(ids, idx), take(mask, idx), key=jax.random.fold_in(base, b), cfg=scfg,
+                       prompt_groups=groups)
         new = _shard_rows(backbone, task, problems, n, np.asarray(out.tokens)[keep], s)
         cands.write_candidates(shard, new)
         rows += new

@@ -76,14 +76,47 @@ def filter_logits(logits, cfg: SamplingConfig):
         kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if cfg.top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        keep_sorted = before < cfg.top_p              # always keeps the most likely token
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
+        logits = _top_p_filter(logits, cfg.top_p)
     return logits
+
+
+TOP_P_HEAD = 128  # candidates the nucleus is first looked for in (exact either way: see _top_p_filter)
+
+
+def _nucleus(logits, lse, vals, idx, top_p):
+    """Keep mask of the nucleus, given the row-sorted head ``vals``/``idx`` [B, k] of ``logits``."""
+    probs = jnp.exp(vals - lse)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    keep_sorted = before < top_p                 # always keeps the most likely token
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros(logits.shape, bool).at[rows, idx].set(keep_sorted)
+
+
+def _top_p_filter(logits, top_p: float):
+    """Nucleus filter of logits [B, V]: keep the most likely tokens up to and including the one
+    whose mass above it first reaches ``top_p``; the rest become -inf.
+
+    A full sort of the vocabulary each step costs more than the model's forward on a CPU
+    (49k-151k entries per row), so the nucleus is looked for among the ``TOP_P_HEAD`` most
+    likely tokens first: when that head already holds ``top_p`` of every row's mass, no token
+    outside it can be kept and the head decides exactly; otherwise (a flat distribution) the
+    step falls back to the full sort. Both branches compute the same mask.
+    """
+    v = logits.shape[-1]
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+    def full():
+        order = jnp.argsort(-logits, axis=-1)
+        return _nucleus(logits, lse, jnp.take_along_axis(logits, order, axis=-1), order, top_p)
+
+    k = min(TOP_P_HEAD, v)
+    if k == v:
+        keep = full()
+    else:
+        vals, idx = jax.lax.top_k(logits, k)
+        covered = jnp.all(jnp.sum(jnp.exp(vals - lse), axis=-1) >= top_p)
+        keep = jax.lax.cond(covered, lambda: _nucleus(logits, lse, vals, idx, top_p), full)
+    return jnp.where(keep, logits, -jnp.inf)
 
 
 def sample_token(key, logits, cfg: SamplingConfig):
@@ -178,13 +211,23 @@ def _end_lengths(tokens, done, step, eos):
     return jnp.where(done, first_end + 1, jnp.minimum(step, tokens.shape[1])).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs", "decoder", "cfg"))
-def _sample(states, args, prompts, key, *, graphdefs, decoder, cfg):
+def _repeat_rows(tree, groups: int):
+    """Repeat every batch-leading leaf of ``tree`` ``groups`` times along axis 0 (row i of
+    the result is row i // groups of the input); scalars (e.g. the cache cursor) are kept."""
+    return jax.tree.map(lambda x: jnp.repeat(x, groups, axis=0) if x.ndim else x, tree)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "decoder", "cfg", "prompt_groups"))
+def _sample(states, args, prompts, key, *, graphdefs, decoder, cfg, prompt_groups=1):
     def models():
         return [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
 
     ctx = decoder.setup(models, args)
-    aux, logits = decoder.prefill(models, ctx, prompts, cfg)
+    if prompt_groups > 1:  # each group of identical prompts is prefilled once, its cache broadcast
+        firsts = [(ids[::prompt_groups], mask[::prompt_groups]) for ids, mask in prompts]
+        aux, logits = _repeat_rows(decoder.prefill(models, ctx, firsts, cfg), prompt_groups)
+    else:
+        aux, logits = decoder.prefill(models, ctx, prompts, cfg)
     b, n = logits.shape[0], cfg.max_new_tokens
     eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 
@@ -244,13 +287,36 @@ def check_ids_in_vocab(ids, mask, vocab_size: int, where: str = "input_ids") -> 
         raise ValueError(f"{where}: expected token ids in [0, {vocab_size}), got {int(a[pos])} at {list(pos)}")
 
 
+def check_prompt_groups(prompts: Sequence, groups) -> int:
+    """``groups`` consecutive rows of every prompt batch must be identical (ids and mask)."""
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"prompt_groups: expected a positive int, got {groups!r}")
+    groups = int(groups)
+    for i, (ids, mask) in enumerate(prompts):
+        b = ids.shape[0]
+        if b % groups:
+            raise ValueError(f"prompt_groups: expected the batch ({b} rows) to be a multiple of {groups}")
+        for name, a in (("ids", ids), ("mask", mask)):
+            g = np.asarray(a).reshape(b // groups, groups, -1)
+            bad = np.nonzero(~(g == g[:, :1]).all(axis=(1, 2)))[0]
+            if bad.size:
+                r = int(bad[0]) * groups
+                raise ValueError(f"prompt_groups={groups}: expected prompt {i} rows {r}..{r + groups - 1} "
+                                 f"to be identical ({name} differ)")
+    return groups
+
+
 def run_sampler(decoder: Decoder, models: Sequence, prompts: Sequence, *, key=None, cfg: SamplingConfig,
-                args=None):
+                args=None, prompt_groups: int = 1):
     """The decoding loop every sampler in swiftjax runs: prefill, then one token a step in one
     jitted ``lax.while_loop`` (stopping once every row has ended), with ``decoder``'s hooks.
 
     models: the NNX modules the decoder uses (their parameters are traced arguments).
     prompts: one (ids [B, T_i], mask [B, T_i]) left-padded batch per model (validated here).
+    prompt_groups: g > 1 says the rows come in consecutive groups of g identical prompts (as
+    in Best-of-N): each group is prefilled once and its cache and first logits repeated, so
+    prefill costs 1/g (checked on the host). The samples equal those of the ungrouped call
+    up to floating-point rounding of the smaller prefill batch.
     Returns ``(GenerateOutput, decoder.finish(...) dict)``.
     """
     if not isinstance(cfg, SamplingConfig):
@@ -267,14 +333,16 @@ def run_sampler(decoder: Decoder, models: Sequence, prompts: Sequence, *, key=No
         if m.config.is_gpt2 and ids.shape[1] + cfg.max_new_tokens > limit:
             raise ValueError(f"prompt + max_new_tokens: expected <= {limit} positions for gpt2")
         checked.append((ids, mask))
+    prompt_groups = check_prompt_groups(checked, prompt_groups)
     split = [nnx.split(m) for m in models]
     return _sample([s for _, s in split], args, checked, key, graphdefs=tuple(g for g, _ in split),
-                   decoder=decoder, cfg=cfg)
+                   decoder=decoder, cfg=cfg, prompt_groups=prompt_groups)
 
 
 def generate(model, input_ids, attention_mask=None, *, key=None, cfg: SamplingConfig,
              extra_models: Sequence = (), combine: Callable | None = None, combine_args=None,
-             cache_dtype=jnp.float32, extra_inputs: Sequence | None = None) -> GenerateOutput:
+             cache_dtype=jnp.float32, extra_inputs: Sequence | None = None,
+             prompt_groups: int = 1) -> GenerateOutput:
     """Sample continuations of left-padded prompts.
 
     input_ids / attention_mask: [B, T] (left padding). ``key`` is required unless greedy.
@@ -295,7 +363,7 @@ def generate(model, input_ids, attention_mask=None, *, key=None, cfg: SamplingCo
     prompts = [(input_ids, attention_mask)] + [(input_ids, attention_mask) if p is None else p
                                                for p in (extra_inputs or [None] * len(extra_models))]
     decoder = LMDecoder(combine=combine or _combine_first, cache_dtype=cache_dtype)
-    out, _ = run_sampler(decoder, models, prompts, key=key, cfg=cfg, args=combine_args)
+    out, _ = run_sampler(decoder, models, prompts, key=key, cfg=cfg, args=combine_args, prompt_groups=prompt_groups)
     return out
 
 

@@ -118,6 +118,38 @@ def test_filter_logits_matches_numpy(top_k, top_p):
     np.testing.assert_allclose(ours[fin], ref[fin], rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [6.0, 0.05])  # peaked: the nucleus lies in the head; flat: full sort
+def test_top_p_over_a_large_vocabulary_matches_numpy(scale):
+    from swiftjax.sampling import TOP_P_HEAD
+
+    rs = np.random.RandomState(int(scale * 100))
+    logits = (rs.randn(5, 3 * TOP_P_HEAD + 7) * scale).astype(np.float32)
+    cfg = SamplingConfig(temperature=1.0, top_p=0.9)
+    ours = np.asarray(filter_logits(jnp.asarray(logits), cfg))
+    ref = _np_filter(logits, 1.0, 0, 0.9)
+    kept = np.isfinite(ref).sum(-1)
+    assert (kept < TOP_P_HEAD).all() if scale > 1 else (kept > TOP_P_HEAD).all()  # each branch is taken
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
+
+
+def test_shared_prompt_prefill_gives_the_same_samples(tmp_path):
+    hf = tiny_hf_model("llama", seed=5)
+    hf.save_pretrained(tmp_path)
+    model, _ = swiftjax.load_model(tmp_path)
+    ids, mask = _prompts(seed=6)
+    ids, mask = np.repeat(np.asarray(ids)[:2], 3, 0), np.repeat(np.asarray(mask)[:2], 3, 0)  # 2 prompts x 3
+    for cfg in (SamplingConfig(max_new_tokens=6, temperature=0), SamplingConfig(max_new_tokens=6, temperature=1.0)):
+        key = jax.random.key(3) if cfg.temperature else None
+        plain = generate(model, ids, mask, key=key, cfg=cfg)
+        shared = generate(model, ids, mask, key=key, cfg=cfg, prompt_groups=3)
+        np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(plain.tokens))
+        np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(plain.logprobs), atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        generate(model, ids, mask, cfg=cfg, key=key, prompt_groups=4)
+    with pytest.raises(ValueError, match=r"prompt_groups=2: expected prompt 0 rows 2..3 to be identical"):
+        generate(model, ids, mask, cfg=cfg, key=key, prompt_groups=2)
+
+
 def test_sampling_respects_filters_and_is_seeded(tmp_path):
     hf = tiny_hf_model("qwen2", seed=4)
     hf.save_pretrained(tmp_path)

@@ -33,11 +33,11 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    kshape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+    vshape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return KVCache(
-        k=zeros,
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        k=tuple(jnp.zeros(kshape, dtype) for _ in range(cfg.num_layers)),
+        v=tuple(jnp.zeros(vshape, dtype) for _ in range(cfg.num_layers)),
         key_valid=jnp.zeros((batch, max_len), jnp.bool_),
         cursor=jnp.zeros((), jnp.int32),
         next_pos=jnp.zeros((batch,), jnp.int32),
@@ -50,11 +50,21 @@ def write(buf, new, cursor):
     return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), idx)
 
 
-def heads_first(x):
-    """[B, T, H, Dh] -> [B, H, T, Dh] (the cache's layout)."""
-    return jnp.swapaxes(x, 1, 2)
+def keys_layout(k):
+    """Keys [B, T, Hkv, Dh] -> [B, Hkv, Dh, T] (the cache's key layout)."""
+    return jnp.transpose(k, (0, 2, 3, 1))
 
 
-def write_kv(buf, new, cursor):
-    """Write new keys or values [B, Hkv, T, Dh] into buf [B, Hkv, S, Dh] at slot ``cursor``."""
+def values_layout(v):
+    """Values [B, T, Hkv, Dh] -> [B, Hkv, T, Dh] (the cache's value layout)."""
+    return jnp.swapaxes(v, 1, 2)
+
+
+def write_keys(buf, new, cursor):
+    """Write keys [B, Hkv, Dh, T] into buf [B, Hkv, Dh, S] at slot ``cursor``."""
+    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, 0, cursor))
+
+
+def write_values(buf, new, cursor):
+    """Write values [B, Hkv, T, Dh] into buf [B, Hkv, S, Dh] at slot ``cursor``."""
     return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, cursor, 0))

@@ -25,10 +25,10 @@ class GPT2Attention(nnx.Module):
         h, dh = self.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (a.reshape(b, t, h, dh) for a in (q, k, v))
-        k, v = kv.heads_first(k), kv.heads_first(v)
+        k, v = kv.keys_layout(k), kv.values_layout(v)
         if layer_kv is not None:
-            k = kv.write_kv(layer_kv[0], k, cursor)
-            v = kv.write_kv(layer_kv[1], v, cursor)
+            k = kv.write_keys(layer_kv[0], k, cursor)
+            v = kv.write_values(layer_kv[1], v, cursor)
         out = attend(q, k, v, allowed, self.dtype)
         return self.c_proj(out.reshape(b, t, d)), (k, v)
 

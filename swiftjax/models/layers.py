@@ -40,6 +40,33 @@ class Linear(nnx.Module):
         return y
 
 
+def fuse_projections() -> bool:
+    """Whether sibling projections of one input (q/k/v, gate/up) run as one matmul.
+
+    On the CPU one wide matmul runs up to 1.5x faster than several narrow ones at decoding's
+    small batches, and XLA hoists the weight concatenation out of a decoding loop (one copy of
+    those weights per jitted call). On accelerators the separate matmuls are already fast and
+    the copy would cost device memory, so they stay separate.
+    """
+    return jax.default_backend() == "cpu"
+
+
+def project(x, linears):
+    """``[lin(x) for lin in linears]`` for ``out_in`` Linears that share their input, computed
+    as one matmul over the concatenated weights when :func:`fuse_projections` says so."""
+    plain = all(type(lin) is Linear and lin.layout == "out_in" for lin in linears)  # not LoRA-wrapped
+    if len(linears) == 1 or not plain or not fuse_projections():
+        return [lin(x) for lin in linears]
+    first = linears[0]
+    w = jnp.concatenate([lin.weight[...] for lin in linears], axis=0).astype(first.dtype)
+    y = jnp.einsum("...i,oi->...o", x.astype(first.dtype), w)
+    if first.bias is not None:
+        y = y + jnp.concatenate([lin.bias[...] for lin in linears]).astype(first.dtype)
+    sizes = [lin.weight.shape[0] for lin in linears]
+    cuts = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+    return jnp.split(y, cuts, axis=-1)
+
+
 class Embedding(nnx.Module):
     def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
@@ -151,13 +178,16 @@ def attend(q, k, v, allowed, dtype):
     b, t, h, dh = q.shape
     hkv = k.shape[1]
     g = h // hkv
-    qg = q.reshape(b, t, hkv, g, dh).astype(dtype)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(dtype),
+    # query rows of one KV head side by side: [B, Hkv, T*G, Dh]; both products then have
+    # (batch, KV head) leading and the contracted/summed axis where XLA's CPU dot wants it
+    qg = jnp.swapaxes(q.reshape(b, t, hkv, g, dh), 1, 2).reshape(b, hkv, t * g, dh).astype(dtype)
+    scores = jnp.einsum("bkqd,bkds->bkqs", qg, k.astype(dtype),
                         preferred_element_type=jnp.float32) / math.sqrt(dh)
-    scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    ok = jnp.broadcast_to(allowed[:, None, :, None, :], (b, 1, t, g, allowed.shape[-1]))
+    scores = jnp.where(ok.reshape(b, 1, t * g, -1), scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dtype))
-    return out.reshape(b, t, h, dh)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(dtype))
+    return jnp.swapaxes(out.reshape(b, hkv, t, g, dh), 1, 2).reshape(b, t, h, dh)
 
 
 def allowed_mask(key_valid, cursor, t: int, sliding_window: int | None):

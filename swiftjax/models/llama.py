@@ -12,7 +12,7 @@ from flax import nnx
 from swiftjax.models import cache as kv
 from swiftjax.models.config import ModelConfig
 from swiftjax.models.layers import (Embedding, Linear, RMSNorm, activation, apply_rope, attend,
-                                    rope_tables)
+                                    project, rope_tables)
 from swiftjax.models.transformer import DecoderLM
 
 
@@ -30,15 +30,14 @@ class Attention(nnx.Module):
     def __call__(self, x, tables, allowed, layer_kv, cursor):
         b, t, _ = x.shape
         h, hkv, dh = self.shape
-        q = self.q_proj(x).reshape(b, t, h, dh)
-        k = self.k_proj(x).reshape(b, t, hkv, dh)
-        v = self.v_proj(x).reshape(b, t, hkv, dh)
+        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
+        q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, hkv, dh), v.reshape(b, t, hkv, dh)
         cos, sin = tables
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = kv.heads_first(k), kv.heads_first(v)
+        k, v = kv.keys_layout(k), kv.values_layout(v)
         if layer_kv is not None:
-            k = kv.write_kv(layer_kv[0], k, cursor)
-            v = kv.write_kv(layer_kv[1], v, cursor)
+            k = kv.write_keys(layer_kv[0], k, cursor)
+            v = kv.write_values(layer_kv[1], v, cursor)
         out = attend(q, k, v, allowed, self.dtype)
         return self.o_proj(out.reshape(b, t, h * dh)), (k, v)
 
@@ -52,7 +51,8 @@ class MLP(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, [self.gate_proj, self.up_proj])
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nnx.Module):

@@ -123,20 +123,45 @@ def _normalised_layout(path: Path, cfg: ModelConfig) -> dict[str, tuple[str, Pat
     return out
 
 
-def _read_tensors(wanted: dict[str, tuple[str, Path]]) -> dict[str, np.ndarray]:
-    """key -> array for {key: (stored name, file)}, opening each file once."""
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _data_index(f: Path) -> tuple[int, dict]:
+    """(byte offset of the data section, {name: header entry}) of a safetensors file."""
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _stream_tensors(wanted: dict[str, tuple[str, Path]]):
+    """Yield (key, array) for {key: (stored name, file)} one tensor at a time, read with plain
+    file reads into a fresh buffer (no memory map), so a caller that converts and drops each
+    array holds about one copy of the checkpoint at its peak."""
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for key, (raw, f) in wanted.items():
         by_file.setdefault(f, []).append((key, raw))
-    out: dict[str, np.ndarray] = {}
     for f, items in by_file.items():
         try:
-            with safe_open(str(f), framework="numpy") as fh:
+            base, header = _data_index(f)
+            with open(f, "rb") as fh:
                 for key, raw in items:
-                    out[key] = fh.get_tensor(raw)
-        except (SafetensorError, OSError) as e:
+                    e = header[raw]
+                    start, end = (int(x) for x in e["data_offsets"])
+                    arr = np.empty(tuple(e["shape"]), _DTYPES[e["dtype"]])
+                    fh.seek(base + start)
+                    if arr.nbytes != end - start or fh.readinto(memoryview(arr.reshape(-1)).cast("B")) != end - start:
+                        raise OSError(f"tensor {raw!r} is cut short")
+                    yield key, arr
+        except (KeyError, OSError, ValueError) as e:
             raise ValueError(f"{f}: expected a complete safetensors file, got a truncated or unreadable one ({e})") from None
-    return out
+
+
+def _read_tensors(wanted: dict[str, tuple[str, Path]]) -> dict[str, np.ndarray]:
+    """key -> array for {key: (stored name, file)}."""
+    return dict(_stream_tensors(wanted))
 
 
 def read_safetensors(path: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -177,10 +202,10 @@ def load_model(path: str | Path, dtype=jnp.float32, compute_dtype=None, sharding
         raw, f, got = layout[key]
         if got != shape:
             raise ValueError(f"{f}: weight {raw}: expected shape {shape}, got {got}")
-    tensors = _read_tensors({k: layout[k][:2] for k in expected})
     pure = {}
-    for key in expected:
-        val = jnp.asarray(tensors.pop(key), dtype=dtype)
+    for key, arr in _stream_tensors({k: layout[k][:2] for k in expected}):  # one tensor at a time
+        val = jnp.asarray(arr, dtype=dtype)
+        del arr
         if sharding is not None:
             val = jax.device_put(val, sharding(key))
         pure[key] = val
