@@ -152,12 +152,16 @@ def torch_step_ms(hf, prompt, batch: int, steps: int) -> float:
 
 
 def greedy_agrees(model, hf, prompt, n: int = 24) -> bool:
-    ids = jnp.asarray(prompt[None])
-    ours = np.asarray(generate(model, ids, cfg=SamplingConfig(max_new_tokens=n, temperature=0.0)).tokens)[0]
+    """Greedy tokens of ours and of transformers' ``generate``, each up to its first end token."""
+    eos = tuple(model.config.eos_token_id)
+    out = generate(model, jnp.asarray(prompt[None]), cfg=SamplingConfig(max_new_tokens=n, temperature=0.0, eos_ids=eos))
+    ours = np.asarray(out.tokens)[0, : int(out.lengths[0])]
     with torch.inference_mode():
-        ref = hf.generate(torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=0)[0, len(prompt):].numpy()
-    return bool((ours == ref).all())
+        ref = hf.generate(torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=n, do_sample=False,
+                          pad_token_id=0)[0, len(prompt):].numpy()
+    ends = [j for j, t in enumerate(ref) if t in eos]
+    ref = ref[: ends[0] + 1] if ends else ref
+    return len(ours) == len(ref) and bool((ours == ref).all())
 
 
 def bench_decode(name, path, lim, batches, prompt_len, n1, n2) -> list[dict]:
@@ -238,16 +242,17 @@ def bench_forward(name, path, lim, batch: int, seq: int) -> list[dict]:
 
 
 def load_peak(path: Path) -> dict:
-    """Peak resident memory of ``load_model`` in a fresh process, against the checkpoint size."""
-    code = ("import resource, swiftjax, sys; swiftjax.load_model(sys.argv[1]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    base = subprocess.run([sys.executable, "-c", "import resource, swiftjax; "
-                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
-                          capture_output=True, text=True, check=True)
+    """Peak resident memory that ``load_model`` adds, in a fresh process, against the checkpoint
+    size (the process's peak after loading minus its resident size after importing jax)."""
+    code = ("import resource, re, sys, jax, jax.numpy as jnp, swiftjax; jnp.zeros(1).block_until_ready(); "
+            "base = int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+            "swiftjax.load_model(sys.argv[1]); "
+            "print('PEAK', base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    line = next(l for l in out.stdout.splitlines() if l.startswith("PEAK "))
+    base, peak = (int(x) * 1024 for x in line.split()[1:])
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    peak = (int(out.stdout.split()[-1]) - int(base.stdout.split()[-1])) * 1024
-    return {"checkpoint_GB": size / 1e9, "load_peak_GB": peak / 1e9, "copies": peak / size}
+    return {"checkpoint_GB": size / 1e9, "load_peak_GB": (peak - base) / 1e9, "copies": (peak - base) / size}
 
 
 def main() -> int:

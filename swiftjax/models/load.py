@@ -152,7 +152,7 @@ def _stream_tensors(wanted: dict[str, tuple[str, Path]]):
                     start, end = (int(x) for x in e["data_offsets"])
                     arr = np.empty(tuple(e["shape"]), _DTYPES[e["dtype"]])
                     fh.seek(base + start)
-                    if arr.nbytes != end - start or fh.readinto(memoryview(arr.reshape(-1)).cast("B")) != end - start:
+                    if arr.nbytes != end - start or fh.readinto(arr.reshape(-1).view(np.uint8)) != end - start:
                         raise OSError(f"tensor {raw!r} is cut short")
                     yield key, arr
         except (KeyError, OSError, ValueError) as e:
