@@ -33,6 +33,7 @@ from swiftjax.batching import padded_batches, take
 from swiftjax.config import to_plain
 from swiftjax.data import candidates as cands
 from swiftjax.sampling import SamplingConfig, generate
+from swiftjax.selection import sampler_confidences
 from swiftjax.tasks import Task
 
 __all__ = ["SamplingSection", "candidate_set", "digest", "split_seed", "check_writable", "prompt_width",
@@ -52,6 +53,9 @@ class SamplingSection:
     max_new_tokens: int = 64
     prompt_len: int | None = None
     batch_size: int = 64
+    confidence_topk: int = 20     # > 0: rows carry the sampler's confidence scores (top-k of each step)
+    confidence_window: int = 32   # DeepConf's lowest-group window, in tokens
+    confidence_tail: int = 32     # DeepConf's tail, in tokens
 
     def __post_init__(self):
         SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
@@ -60,6 +64,11 @@ class SamplingSection:
             raise ValueError(f"batch_size: expected a positive int, got {self.batch_size}")
         if self.prompt_len is not None and self.prompt_len < 1:
             raise ValueError(f"prompt_len: expected a positive int or null, got {self.prompt_len}")
+        if self.confidence_topk < 0:
+            raise ValueError(f"confidence_topk: expected an int >= 0, got {self.confidence_topk}")
+        if self.confidence_window < 1 or self.confidence_tail < 1:
+            raise ValueError(f"confidence_window, confidence_tail: expected positive ints, got "
+                             f"{self.confidence_window} and {self.confidence_tail}")
 
 
 def digest(obj) -> str:
@@ -122,7 +131,7 @@ def demonstration_rows(backbone: Backbone, task: Task, problems, index: int) -> 
     return rows
 
 
-def _shard_rows(backbone, task, problems, n, tokens, start):
+def _shard_rows(backbone, task, problems, n, tokens, start, scores=None):
     rows = []
     for j, resp in enumerate(tokens):
         r = start + j
@@ -130,9 +139,22 @@ def _shard_rows(backbone, task, problems, n, tokens, start):
         resp_ids = backbone.trim_response(resp)
         text = backbone.decode_response(resp_ids)
         ans, ok = task.grade(text, p.gold)
-        rows.append({"prompt_id": p.id, "index": r % n, "prompt": task.user_message(p), "text": text,
-                     "token_ids": resp_ids, "answer": ans, "correct": ok, "gold": p.gold})
+        row = {"prompt_id": p.id, "index": r % n, "prompt": task.user_message(p), "text": text,
+               "token_ids": resp_ids, "answer": ans, "correct": ok, "gold": p.gold}
+        if scores:
+            row["scores"] = {name: float(v[j]) for name, v in scores.items()}
+        rows.append(row)
     return rows
+
+
+def _confidences(backbone, out, keep, sampling: SamplingSection) -> dict | None:
+    """The sampler's confidence scores of the kept rows (selection.sampler_confidences)."""
+    if not sampling.confidence_topk:
+        return None
+    return sampler_confidences(np.asarray(out.logprobs)[keep], np.asarray(out.mean_logprob)[keep],
+                               np.asarray(out.topk_logprobs)[keep], np.asarray(out.lengths)[keep],
+                               int(backbone.config.vocab_size), window=sampling.confidence_window,
+                               tail=sampling.confidence_tail)
 
 
 def _read_shard(path: Path, expect: int, start: int, n: int, problems) -> list[dict] | None:
@@ -176,7 +198,7 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
     n_batches = -(-total // bs)
     scfg = SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                           top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=backbone.eos_ids,
-                          pad_id=backbone.pad_id)
+                          pad_id=backbone.pad_id, record_topk=sampling.confidence_topk)
     base = jax.random.key(split_seed(seed, split))
     delay = float(os.environ.get("SWIFTJAX_SHARD_DELAY", "0") or 0)  # tests: time to kill between shards
     rows: list[dict] = []
@@ -196,7 +218,8 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
             ids, mask = backbone.encode_prompts([m for m in messages for _ in range(n)], width)
         out = generate(backbone.model, take(ids, idx), take(mask, idx), key=jax.random.fold_in(base, b), cfg=scfg,
                        prompt_groups=groups)
-        new = _shard_rows(backbone, task, problems, n, np.asarray(out.tokens)[keep], s)
+        new = _shard_rows(backbone, task, problems, n, np.asarray(out.tokens)[keep], s,
+                          _confidences(backbone, out, keep, sampling))
         cands.write_candidates(shard, new)
         rows += new
         if progress:

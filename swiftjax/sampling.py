@@ -139,7 +139,8 @@ class SamplerState:
     logits: jax.Array     # [B, V] next-token scores the decoder produced for this step
     tokens: jax.Array     # [B, N] int32 chosen ids; pad_id after a row finished
     logprobs: jax.Array   # [B, N] float32 log p(token) under the decoder's distribution, 0 after the end
-    done: jax.Array       # [B] bool: the row has emitted an end token
+    done: jax.Array       # [B] bool: the row has ended (an end token, or the decoder stopped it)
+    length: jax.Array     # [B] int32: tokens the row generated (its end token included)
     topk: jax.Array       # [B, N, k] top-k log-probs of each step's distribution (k = cfg.record_topk, may be 0)
     mean_lp: jax.Array    # [B, N] mean log-prob over the vocabulary of each step's distribution
     aux: Any              # the decoder's own carry: KV caches, running scores, ...
@@ -157,6 +158,8 @@ class Decoder:
       default: :func:`sample_token` and the log-softmax of ``state.logits`` at that token;
     * ``advance(models, ctx, aux, tok [B], live [B] bool, step) -> (aux, logits [B, V])``:
       ``live`` marks rows whose token is part of the response (the end token included);
+    * ``stop(ctx, aux, step, done) -> [B] bool | None``: rows to end after this step's token
+      without an end token (e.g. pruned candidates); default None (none);
     * ``finish(ctx, state) -> dict`` of extra outputs.
     """
 
@@ -173,6 +176,9 @@ class Decoder:
 
     def advance(self, models, ctx, aux, tok, live, step):
         raise NotImplementedError
+
+    def stop(self, ctx, aux, step, done):
+        return None
 
     def finish(self, ctx, state: SamplerState) -> dict:
         return {}
@@ -205,10 +211,10 @@ class LMDecoder(Decoder):
         return [o.cache for o in outs], self.combine([o.logits[:, -1] for o in outs], ctx)
 
 
-def _end_lengths(tokens, done, step, eos):
-    """Tokens generated per row, the end token included (N for an unfinished row)."""
-    first_end = jnp.argmax(jnp.any(tokens[:, :, None] == eos[None, None, :], -1), axis=1)
-    return jnp.where(done, first_end + 1, jnp.minimum(step, tokens.shape[1])).astype(jnp.int32)
+def _has_end(tokens, length, eos):
+    """[B] bool: the row generated an end token (padding after its end may equal one)."""
+    generated = jnp.arange(tokens.shape[1])[None, :] < length[:, None]
+    return jnp.any((tokens[:, :, None] == eos[None, None, :]) & generated[:, :, None], axis=(1, 2))
 
 
 def _repeat_rows(tree, groups: int):
@@ -248,17 +254,20 @@ def _sample(states, args, prompts, key, *, graphdefs, decoder, cfg, prompt_group
             topk = topk.at[:, s.step].set(jnp.where(live[:, None], top, 0.0))
             mean_lp = mean_lp.at[:, s.step].set(jnp.where(live, lp_all.mean(-1), 0.0))
         aux, logits = decoder.advance(models, ctx, s.aux, tok, live, s.step)
+        stop = decoder.stop(ctx, aux, s.step, done)
+        if stop is not None:
+            done = done | stop
         return SamplerState(step=s.step + 1, key=key, logits=logits, tokens=s.tokens.at[:, s.step].set(tok),
-                            logprobs=s.logprobs.at[:, s.step].set(lp), done=done, topk=topk, mean_lp=mean_lp,
-                            aux=aux)
+                            logprobs=s.logprobs.at[:, s.step].set(lp), done=done,
+                            length=s.length + live.astype(jnp.int32), topk=topk, mean_lp=mean_lp, aux=aux)
 
     init = SamplerState(step=jnp.zeros((), jnp.int32), key=key, logits=logits,
                         tokens=jnp.full((b, n), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((b, n), jnp.float32),
-                        done=jnp.zeros((b,), bool), topk=jnp.zeros((b, n, cfg.record_topk), jnp.float32),
+                        done=jnp.zeros((b,), bool), length=jnp.zeros((b,), jnp.int32), topk=jnp.zeros((b, n, cfg.record_topk), jnp.float32),
                         mean_lp=jnp.zeros((b, n if cfg.record_topk else 0), jnp.float32), aux=aux)
     s = jax.lax.while_loop(cond, body, init)
-    out = GenerateOutput(tokens=s.tokens, logprobs=s.logprobs, lengths=_end_lengths(s.tokens, s.done, s.step, eos),
-                         finished=s.done, topk_logprobs=s.topk if cfg.record_topk else None,
+    out = GenerateOutput(tokens=s.tokens, logprobs=s.logprobs, lengths=s.length,
+                         finished=s.done & _has_end(s.tokens, s.length, eos), topk_logprobs=s.topk if cfg.record_topk else None,
                          mean_logprob=s.mean_lp if cfg.record_topk else None)
     return out, decoder.finish(ctx, s)
 

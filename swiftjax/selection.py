@@ -30,7 +30,8 @@ import numpy as np
 __all__ = [
     "mean_logprob", "self_certainty", "token_confidence", "lowest_group_confidence", "tail_confidence",
     "pick_best", "pick_majority", "pick_weighted", "pick_filter_vote", "pick_borda", "RULES",
-    "softmax_weights", "estimate_at_k",
+    "softmax_weights", "estimate_at_k", "sampler_confidences", "vote_weights", "fit_temperature",
+    "selection_table", "format_selection", "SCORED_RULES",
 ]
 
 
@@ -195,3 +196,98 @@ def estimate_at_k(rule: str | Callable, answers: Sequence[Sequence], scores, cor
         se = per.std(ddof=1) / np.sqrt(p) if p > 1 else 0.0
         out[int(k)] = (float(per.mean() * 100), float(se * 100))
     return out
+
+
+# ----------------------------------------------------------------------------- from the sampler
+
+
+def sampler_confidences(token_logprobs, mean_vocab_logprob, topk_logprobs, lengths, vocab_size: int, *,
+                        window: int, tail: int) -> dict[str, np.ndarray]:
+    """The confidence scores of sampled rows from what the sampler recorded (no extra forward).
+
+    token_logprobs, mean_vocab_logprob [B, T]; topk_logprobs [B, T, k]; lengths [B] (tokens
+    generated, the end token included). Returns {name: [B]} for ``mean_logprob``,
+    ``self_certainty``, ``lowest_group`` (window ``window``) and ``tail`` (last ``tail`` tokens).
+    """
+    lp = np.asarray(token_logprobs, np.float64)
+    mask = np.arange(lp.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    conf = token_confidence(topk_logprobs)
+    return {"mean_logprob": mean_logprob(lp, mask),
+            "self_certainty": self_certainty(mean_vocab_logprob, mask, vocab_size),
+            "lowest_group": lowest_group_confidence(conf, mask, window),
+            "tail": tail_confidence(conf, mask, tail)}
+
+
+# ----------------------------------------------------------------------------- tables
+
+SCORED_RULES = ("best", "weighted", "filter_vote", "borda")
+TEMPERATURE_GRID = tuple(float(t) for t in np.logspace(-2, 1, 13))
+
+
+def _per_problem(values: np.ndarray) -> tuple[float, float]:
+    p = len(values)
+    se = values.std(ddof=1) / np.sqrt(p) if p > 1 else 0.0
+    return float(values.mean() * 100), float(se * 100)
+
+
+def _unbiased_oracle(correct: np.ndarray, k: int) -> np.ndarray:
+    """Per problem: P(some correct among a random k-subset) = 1 - C(n - c, k) / C(n, k)."""
+    n = correct.shape[1]
+    out = np.empty(correct.shape[0])
+    for i, c in enumerate(correct.sum(1)):
+        out[i] = 1.0 if n - c < k else 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+    return out
+
+
+def vote_weights(scores, temperature: float) -> np.ndarray:
+    """Per-candidate vote weights exp((s - max_row s) / T) [P, N]; a vote is unchanged by a
+    per-problem factor, so this equals a softmax over any subset of a problem's candidates."""
+    s = np.asarray(scores, np.float64) / float(temperature)
+    return np.exp(s - s.max(-1, keepdims=True))
+
+
+def fit_temperature(answers, correct, scores, grid: Sequence[float] = TEMPERATURE_GRID) -> float:
+    """The softmax temperature of a score's vote weights that maximises weighted-vote accuracy
+    over all N candidates of the given (training) problems; ties go to the larger T."""
+    correct = np.asarray(correct, bool)
+    best_t, best_acc = None, -1.0
+    for t in sorted(grid, reverse=True):
+        w = vote_weights(scores, t)
+        hits = [(j := pick_weighted(answers[i], w[i])) is not None and correct[i, j] for i in range(len(correct))]
+        acc = float(np.mean(hits))
+        if acc > best_acc:
+            best_t, best_acc = t, acc
+    return float(best_t)
+
+
+def selection_table(answers, correct, scores: dict, ks: Sequence[int], *, temperatures: dict | None = None,
+                    q: float = 0.5, draws: int = 64, seed: int = 0) -> dict[str, dict[int, tuple[float, float]]]:
+    """Every rule over every score, as {curve: {k: (accuracy %, standard error %)}}.
+
+    Curves: ``random`` (exact: the mean correctness), ``oracle`` (exact unbiased pass@k),
+    ``majority``, and ``<score>/<rule>`` for each score and rule of :data:`SCORED_RULES`
+    (``weighted`` votes with :func:`vote_weights` at ``temperatures[score]``, default 1).
+    Rules over subsets use :func:`estimate_at_k` (the same seeded subsets for every curve)."""
+    correct = np.asarray(correct, bool)
+    p, n = correct.shape
+    out = {"random": {k: _per_problem(correct.mean(1)) for k in ks},
+           "oracle": {k: _per_problem(_unbiased_oracle(correct, k)) for k in ks},
+           "majority": estimate_at_k("majority", answers, None, correct, ks, draws=draws, seed=seed)}
+    for name, s in scores.items():
+        s = np.asarray(s, np.float64)
+        if s.shape != (p, n):
+            raise ValueError(f"scores[{name!r}]: expected shape [{p}, {n}], got {list(s.shape)}")
+        t = (temperatures or {}).get(name, 1.0)
+        for rule in SCORED_RULES:
+            vals = vote_weights(s, t) if rule == "weighted" else s
+            out[f"{name}/{rule}"] = estimate_at_k(rule, answers, vals, correct, ks, draws=draws, seed=seed, q=q)
+    return out
+
+
+def format_selection(table: dict, ks: Sequence[int]) -> str:
+    """A plain-text table: one curve per line, accuracy +- standard error at each k."""
+    width = max(len(c) for c in table) + 2
+    lines = [f"{'curve':<{width}}" + "".join(f"{'@' + str(k):>14}" for k in ks)]
+    for curve, vals in table.items():
+        lines.append(f"{curve:<{width}}" + "".join(f"{vals[k][0]:>8.1f} ±{vals[k][1]:>4.1f}" for k in ks))
+    return "\n".join(lines)

@@ -79,3 +79,58 @@ def test_estimate_at_k_is_exact_expectation_in_the_limit():
     # k = 1 of any rule is the mean accuracy
     assert S.estimate_at_k("majority", answers, None, correct, [1], draws=1000)[1][0] == pytest.approx(
         correct.mean() * 100, abs=2.0)
+
+
+def test_sampler_confidences_combine_the_recorded_arrays():
+    rng = np.random.default_rng(3)
+    lp = _softmax_logp(rng, 3, 6, 9)
+    tok = rng.integers(0, 9, size=(3, 6))
+    own = np.take_along_axis(lp, tok[..., None], -1)[..., 0]
+    lengths = np.array([6, 3, 1])
+    topk = -np.sort(-lp, -1)[..., :4]
+    got = S.sampler_confidences(own, lp.mean(-1), topk, lengths, 9, window=2, tail=2)
+    mask = np.arange(6)[None] < lengths[:, None]
+    np.testing.assert_allclose(got["mean_logprob"], S.mean_logprob(own, mask))
+    np.testing.assert_allclose(got["self_certainty"], S.self_certainty(lp.mean(-1), mask, 9))
+    conf = -topk.mean(-1)
+    for b, n in enumerate(lengths):
+        x = conf[b, :n]
+        assert got["tail"][b] == pytest.approx(x[-2:].mean())
+        assert got["lowest_group"][b] == pytest.approx(min([x[i:i + 2].mean() for i in range(n - 1)] or [x.mean()]))
+
+
+def test_selection_table_baselines_are_exact_and_rules_use_their_weights():
+    rng = np.random.default_rng(4)
+    p, n = 30, 4
+    correct = rng.random((p, n)) < 0.5
+    answers = [[("ok" if c else f"w{int(rng.integers(0, 2))}") for c in row] for row in correct]
+    scores = {"s": rng.normal(size=(p, n))}
+    tab = S.selection_table(answers, correct, scores, [1, 2, 4], temperatures={"s": 0.5}, draws=8)
+    # random and oracle are exact expectations over all k-subsets
+    for k in (1, 2, 4):
+        oracle = np.mean([np.mean([correct[i, list(c)].any() for c in itertools.combinations(range(n), k)])
+                          for i in range(p)]) * 100
+        assert tab["oracle"][k][0] == pytest.approx(oracle)
+        assert tab["random"][k][0] == pytest.approx(correct.mean() * 100)
+    # at k = N every rule sees the whole set once: compare with the rule applied directly
+    w = np.exp((scores["s"] - scores["s"].max(1, keepdims=True)) / 0.5)
+    for rule, vals in (("best", scores["s"]), ("weighted", w), ("borda", scores["s"])):
+        direct = np.mean([correct[i, S.RULES[rule](answers[i], vals[i])] for i in range(p)]) * 100
+        assert tab[f"s/{rule}"][4][0] == pytest.approx(direct)
+    assert set(tab) == {"random", "oracle", "majority", "s/best", "s/weighted", "s/filter_vote", "s/borda"}
+
+
+def test_fit_temperature_maximises_the_weighted_vote_on_its_data():
+    rng = np.random.default_rng(5)
+    p, n = 40, 6
+    correct = rng.random((p, n)) < 0.4
+    answers = [[("ok" if c else f"w{int(rng.integers(0, 3))}") for c in row] for row in correct]
+    scores = rng.normal(size=(p, n)) + 1.5 * correct  # informative
+    grid = (0.05, 0.3, 1.0, 5.0)
+
+    def acc(t):
+        w = np.exp((scores - scores.max(1, keepdims=True)) / t)
+        return np.mean([correct[i, _brute_weighted(answers[i], w[i])] for i in range(p)])
+
+    t = S.fit_temperature(answers, correct, scores, grid)
+    assert acc(t) == max(acc(g) for g in grid)

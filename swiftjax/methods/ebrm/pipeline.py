@@ -267,8 +267,16 @@ def backbone_of(cfg) -> Backbone:
 
 
 def training_rows(backbone: Backbone, task: Task, rows, n: int, demonstrations: bool) -> list[dict]:
-    """The training candidates, plus each problem's demonstration (index ``n``) when asked."""
-    return list(rows) + (demonstration_rows(backbone, task, task.problems("train"), n) if demonstrations else [])
+    """The training candidates, plus each problem's demonstration (index ``n``) when asked (a
+    demonstration has no sampler scores, so the sampled rows' are dropped: the RM scores all)."""
+    if not demonstrations:
+        return list(rows)
+    return without_scores(rows) + demonstration_rows(backbone, task, task.problems("train"), n)
+
+
+def without_scores(rows) -> list[dict]:
+    """Rows without their ``scores`` (the sampler's confidences), e.g. to pool them with unscored rows."""
+    return [{k: v for k, v in r.items() if k != "scores"} for r in rows]
 
 
 def order_rows(rows) -> tuple[list[str], list[dict], np.ndarray]:
@@ -690,7 +698,7 @@ def run(cfg: EbrmRunConfig, *, log=print) -> dict:
     for split, n in (("train", n_train), ("test", cfg.n)):
         sets[split], paths[split] = candidate_set(backbone, task, split, n=n, sampling=cfg.sampling, seed=cfg.seed,
                                                   out_dir=Path(cfg.cache or out), progress=cfg.progress, log=log)
-    _, train_rows, correct_tr = order_rows(sets["train"] + demos)
+    _, train_rows, correct_tr = order_rows(without_scores(sets["train"]) + demos)
     test_ids, test_rows, correct_te = order_rows(sets["test"])
     ids_all, attn_all, resp_all = encode_rows(backbone, train_rows + test_rows, cfg.rm.max_len)  # one T: one compile
     n_tr = len(train_rows)
