@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from swiftjax.methods.swift import head as swift
+from swiftjax.methods.swift.prune import drop_lowest
 from swiftjax._checks import check_int, check_rank, check_same_shape
 from swiftjax.batching import padded_batches, take
 from swiftjax.sampling import LMDecoder, SamplingConfig, check_ids_in_vocab, run_sampler
@@ -508,6 +509,33 @@ def fused_scores_batched(model, params, spec: FeatureSpec, ids, attention_mask, 
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "layers"))
+def _fused_prefix(state, params, ids, attn, resp, *, graphdef, spec, layers):
+    proj, _ = fused_projections(nnx.merge(graphdef, state), params, ids, attn, spec, layers)
+    return swift.prefix_scores_from_projections(proj, resp)
+
+
+def fused_prefix_scores_batched(model, params, spec: FeatureSpec, ids, attention_mask, response_mask,
+                                batch_size: int = 32, *, progress: bool = False) -> np.ndarray:
+    """[N, T] the SWIFT score of every response prefix of teacher-forced rows (entry t: the
+    response up to position t; what decoding's running score reads after that token)."""
+    cfg = _model_cfg(model)
+    _check_spec(spec)
+    _check_head(params, spec, cfg)
+    batch_size = _check_batch_size(batch_size)
+    ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
+    graphdef, state = nnx.split(model)
+    layers = _layers_or_empty(spec, cfg)
+    out = np.zeros(ids.shape, np.float32)
+    for rows in _progress(padded_batches(ids.shape[0], batch_size), -(-ids.shape[0] // batch_size), progress,
+                          "prefix scores"):
+        s = _fused_prefix(state, params, take(ids, rows), take(attn, rows), take(resp, rows),
+                          graphdef=graphdef, spec=spec, layers=layers)
+        keep = rows >= 0
+        out[rows[keep]] = np.asarray(s)[keep]
+    return out
+
+
 # ----------------------------------------------------------------------------- decoding
 
 
@@ -540,6 +568,8 @@ class _ScoredDecoder(LMDecoder):
 
     spec: FeatureSpec | None = None
     layers: tuple = ()
+    prune: Any = None          # a PruneConfig: stop each group's lowest running scores at checkpoints
+    prune_group: int = 1       # consecutive rows that are one problem's candidates
 
     def setup(self, models, params):
         return params, fold_head(models()[0], params, self.spec, self.layers)  # once, outside the loop
@@ -562,6 +592,14 @@ class _ScoredDecoder(LMDecoder):
         return {"cache": o.cache, "proj": aux["proj"].at[:, step].set(p),
                 "running": aux["running"].at[:, step].set(swift.running_score_value(run)), "run": run}, o.logits[:, -1]
 
+    def stop(self, ctx, aux, step, done):
+        if self.prune is None:
+            return None
+        g = self.prune_group
+        score = swift.running_score_value(aux["run"]).reshape(-1, g)
+        drop = drop_lowest(score, ~done.reshape(-1, g), self.prune.fraction, self.prune.min_keep).reshape(-1)
+        return drop & ((step + 1) % self.prune.every == 0)
+
     def finish(self, ctx, state):
         final = swift.running_score_value(state.aux["run"])
         n = state.tokens.shape[1]
@@ -570,7 +608,8 @@ class _ScoredDecoder(LMDecoder):
 
 
 def generate_with_scores(model, params, spec: FeatureSpec, input_ids, attention_mask=None, *,
-                         key=None, cfg: SamplingConfig, cache_dtype=jnp.float32) -> ScoredGeneration:
+                         key=None, cfg: SamplingConfig, cache_dtype=jnp.float32, prune=None,
+                         prune_group: int = 1, prompt_groups: int = 1) -> ScoredGeneration:
     """Sample continuations and score them with a SWIFT head while decoding.
 
     Same sampling as :func:`swiftjax.sampling.generate` (prefill, then one token a step in a
@@ -579,11 +618,23 @@ def generate_with_scores(model, params, spec: FeatureSpec, input_ids, attention_
     the running score of the partial response (:class:`swiftjax.methods.swift.head.RunningScore`). The
     final score equals :func:`fused_scores` on the teacher-forced prompt + response (end token
     included). input_ids / attention_mask: [B, T] left-padded prompts.
+
+    ``prune`` (a :class:`swiftjax.methods.swift.prune.PruneConfig`): rows come in consecutive
+    groups of ``prune_group`` candidates of one problem; after every ``prune.every`` tokens
+    the lowest running scores of each group's live rows stop (``finished`` False, ``lengths``
+    the tokens they generated); the kept rows' tokens equal the unpruned call's.
+    ``prompt_groups``: prefill each run of identical prompts once (:func:`swiftjax.sampling.run_sampler`).
     """
     mcfg = _model_cfg(model)
     _check_spec(spec)
     _check_head(params, spec, mcfg)
-    decoder = _ScoredDecoder(cache_dtype=cache_dtype, spec=spec, layers=_layers_or_empty(spec, mcfg))
-    out, extra = run_sampler(decoder, [model], [(input_ids, attention_mask)], key=key, cfg=cfg, args=params)
+    if prune is not None:
+        b = np.shape(input_ids)[0]
+        if isinstance(prune_group, bool) or not isinstance(prune_group, int) or prune_group < 1 or b % prune_group:
+            raise ValueError(f"prune_group: expected a positive divisor of the batch ({b} rows), got {prune_group!r}")
+    decoder = _ScoredDecoder(cache_dtype=cache_dtype, spec=spec, layers=_layers_or_empty(spec, mcfg), prune=prune,
+                             prune_group=prune_group)
+    out, extra = run_sampler(decoder, [model], [(input_ids, attention_mask)], key=key, cfg=cfg, args=params,
+                             prompt_groups=prompt_groups)
     return ScoredGeneration(tokens=out.tokens, logprobs=out.logprobs, lengths=out.lengths, finished=out.finished,
                             **extra)

@@ -66,6 +66,7 @@ __all__ = [
     "project",
     "token_scores",
     "score_from_projections",
+    "prefix_scores_from_projections",
     "score",
     "pooled_features",
     "split_kernel",
@@ -273,6 +274,24 @@ def score_from_projections(proj, mask) -> jax.Array:
     _check_proj(proj)
     _check_mask(mask, _shape(proj)[:2])
     return _score_from_projections(proj, mask)
+
+
+@jax.jit
+def _prefix_scores(proj, mask):
+    proj = _zero_masked(proj.astype(jnp.float32), mask)
+    m = jnp.where(_keep(mask), mask.astype(jnp.float32), 0.0)
+    if proj.shape[-1] == 2:
+        g = jax.nn.sigmoid(proj[..., 0])
+        return jnp.cumsum(g * proj[..., 1] * m, -1) / jnp.maximum(jnp.cumsum(g * m, -1), GATE_EPS)
+    return jnp.cumsum(proj[..., 0] * m, -1) / jnp.maximum(jnp.cumsum(m, -1), UNGATED_FLOOR)
+
+
+def prefix_scores_from_projections(proj, mask) -> jax.Array:
+    """[B, T] the score of every prefix: entry t is :func:`score_from_projections` with the mask
+    cut after position t (what the running score of decoding reads after that token)."""
+    _check_proj(proj)
+    _check_mask(mask, _shape(proj)[:2])
+    return _prefix_scores(proj, mask)
 
 
 def score(params, features, mask) -> jax.Array:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from swiftjax import bon
+from swiftjax import selection as selection_mod
 from swiftjax._io import atomic_file
 from swiftjax.backbone import Backbone, load_backbone, BackboneConfig
 from swiftjax.config import parse_typed, to_plain
@@ -30,6 +31,8 @@ from swiftjax.data import candidates as cands
 from swiftjax.data.store import FeatureStore
 from swiftjax.methods.swift import features as feats
 from swiftjax.methods.swift.head_io import load_head, save_head
+from swiftjax.methods.swift import train as train_mod
+from swiftjax.methods.swift.prune import PruneConfig, pruned_best_of_n
 from swiftjax.methods.swift.train import SwiftTrainConfig, train_head
 from swiftjax.sample import SamplingSection, candidate_set, check_writable, digest
 from swiftjax.tasks import TaskConfig, make_task
@@ -229,12 +232,20 @@ def run(cfg: SwiftRunConfig, *, report: bool = True, log=print) -> dict:
 
     table = bon.bon_table(te_arr["correct"], scores={"swift": scores}, answers=te_arr["answers"],
                           ks=list(range(1, cfg.n + 1)))
+    t0 = time.time()
+    selection = _selection(cfg, backbone, task, params, store, scores, te_arr, log)
+    log(f"selection table ({len(selection['curves'])} curves over random subsets) in {time.time() - t0:.0f}s")
+    t0 = time.time()
+    pruning = _pruning(cfg, backbone, params, in_group_order(test_rows, te_ids), te_arr, scores, max_len)
+    log(f"pruning replay in {time.time() - t0:.0f}s")
     result = {
         "bon": {k: table[k] for k in ("random", "majority", "swift", "oracle")},
         "n_test_problems": len(te_ids),
         "n_train_problems": info["n_train_problems"],
         "n": cfg.n,
         "pass@1": float(te_arr["correct"].mean() * 100),
+        "selection": selection,
+        "pruning": pruning,
         "swift": {"features": cfg.features.to_dict(), "feature_dim": int(store.feature_dim), **info},
         "model": backbone.describe(),
         "task": task.describe(),
@@ -251,7 +262,79 @@ def run(cfg: SwiftRunConfig, *, report: bool = True, log=print) -> dict:
     if report:
         plot_bon(result, out / "bon.png", title=f"Best-of-N, {task.name} ({result['n_test_problems']} test problems)")
         print_table(result)
+        print_selection(result)
+        print_pruning(result)
     return result
+
+
+def _selection(cfg: SwiftRunConfig, backbone, task, params, store, swift_scores, te_arr, log) -> dict:
+    """Every score (SWIFT and the sampler's confidences) under every rule, over random
+    k-subsets; vote temperatures fitted on the training candidates (SWIFT's in-sample)."""
+    tr_rows, _ = _candidates(cfg, backbone, task, "train", log)
+    _, tr_arr = cands.group(_train_rows(cfg, task, tr_rows))
+    tr_swift = train_mod.score_rows(params, store, np.arange(len(store))).reshape(tr_arr["correct"].shape)
+    test = {"swift": swift_scores, **te_arr["scores"]}
+    train_scores = {"swift": tr_swift, **tr_arr["scores"]}
+    temps = {name: selection_mod.fit_temperature(tr_arr["answers"], tr_arr["correct"], train_scores[name])
+             for name in test if name in train_scores}
+    ks = bon.default_ks(cfg.n)
+    curves = selection_mod.selection_table(te_arr["answers"], te_arr["correct"], test, ks, temperatures=temps,
+                                           seed=cfg.seed)
+    return {"ks": ks, "temperatures": temps,
+            "curves": {c: {str(k): list(v) for k, v in vals.items()} for c, vals in curves.items()}}
+
+
+PRUNE_GRID = ((8, 0.25), (8, 0.5), (16, 0.25), (16, 0.5))  # (every tokens, fraction stopped)
+
+
+def _pruning(cfg: SwiftRunConfig, backbone, params, ordered_rows, te_arr, swift_scores, max_len: int) -> dict:
+    """SWIFT-pruned Best-of-N replayed on the test candidates (the same decisions as pruning
+    while sampling, :mod:`swiftjax.methods.swift.prune`): accuracy and generated tokens for
+    each (every, fraction) of :data:`PRUNE_GRID`, against plain Best-of-k at k/N of the tokens."""
+    ids, attn, resp = encode_rows(backbone, ordered_rows, max_len)
+    full = feats.fused_prefix_scores_batched(backbone.model, params, cfg.features, ids, attn, resp,
+                                             batch_size=cfg.extract_batch, progress=cfg.progress)
+    p, n = te_arr["correct"].shape
+    lengths = np.array([len(r["token_ids"]) for r in ordered_rows])
+    t = int(lengths.max())
+    prefix = np.empty((p * n, t), np.float32)
+    for i, r in enumerate(np.asarray(resp, bool)):
+        own = full[i][r][: lengths[i]]
+        prefix[i] = np.concatenate([own, np.full(t - len(own), own[-1] if len(own) else 0.0)])
+    eos = set(backbone.eos_ids)
+    finished = np.array([bool(r["token_ids"]) and r["token_ids"][-1] in eos for r in ordered_rows])
+    out = []
+    for every, frac in PRUNE_GRID:
+        res = pruned_best_of_n(prefix.reshape(p, n, t), swift_scores, lengths.reshape(p, n), finished.reshape(p, n),
+                               te_arr["correct"], PruneConfig(every=every, fraction=frac))
+        out.append({"every": every, "fraction": frac, **res})
+    return {"n": n, "configs": out}
+
+
+def print_pruning(result: dict) -> None:
+    pr = result.get("pruning")
+    if not pr:
+        return
+    sel = result.get("selection", {}).get("curves", {})
+    print(f"\nSWIFT-pruned sampling (replayed): Best-of-{pr['n']} among the kept candidates")
+    print(f"{'every':>6}{'drop':>6}{'tokens':>9}{'kept/prob':>10}{'accuracy':>16}")
+    for c in pr["configs"]:
+        print(f"{c['every']:>6}{c['fraction']:>6.2f}{100 * c['token_fraction']:>8.0f}%{c['kept_per_problem']:>10.1f}"
+              f"{c['accuracy']:>9.1f} ±{c['se']:>4.1f}")
+    if "swift/best" in sel:
+        plain = ", ".join(f"@{k} {v[0]:.1f}" for k, v in sel["swift/best"].items())
+        print(f"plain SWIFT Best-of-k (random k-subsets; k/N of the tokens): {plain}")
+
+
+def print_selection(result: dict) -> None:
+    sel = result.get("selection")
+    if not sel:
+        return
+    ks = sel["ks"]
+    curves = {c: {k: tuple(v[str(k)]) for k in ks} for c, v in sel["curves"].items()}
+    print(f"\nSelection over random k-subsets (accuracy % ± standard error over problems); "
+          f"vote temperatures fitted on train: {', '.join(f'{k}={v:.3g}' for k, v in sel['temperatures'].items())}")
+    print(selection_mod.format_selection(curves, ks))
 
 
 def plot_bon(result: dict, path: Path, title: str = "Best-of-N") -> None:
@@ -318,27 +401,71 @@ def _score(cfg: SwiftRunConfig) -> int:
 
 
 def bon_main(argv) -> int:
+    """``swiftjax swift bon FILE [--ks 1,2,4] [--draws 64] [--q 0.5] [--fit TRAIN_FILE]
+    [--format candidates|qwen-math-bon]``: every
+    Best-of-N curve of a scored candidate file. ``first_k``: the first k candidates (generation
+    order); ``selection``: every score under every rule (best, weighted, filter-then-vote,
+    Borda; plus random, majority, oracle) averaged over random k-subsets with standard errors.
+    Weighted votes use a softmax temperature fitted on ``--fit`` (another scored file, e.g. the
+    train split) or 1. ``--format qwen-math-bon``: Qwen2.5-Math's Best-of-N files (``response``,
+    ``pred``, ``score``, ``pred_score``), answers compared by their normalised MATH key."""
     argv = list(argv)
+    opts = {"--ks": None, "--draws": "64", "--q": "0.5", "--fit": None, "--format": "candidates"}
+    for flag in list(opts):
+        if flag in argv:
+            i = argv.index(flag)
+            if i + 1 >= len(argv):
+                raise ValueError(f"{flag}: expected a comma-separated list of k after it, e.g. --ks 1,2,4"
+                                 if flag == "--ks" else f"{flag}: expected a value after it")
+            opts[flag] = argv[i + 1]
+            del argv[i: i + 2]
     ks = None
-    if "--ks" in argv:
-        i = argv.index("--ks")
-        if i + 1 >= len(argv):
-            raise ValueError("--ks: expected a comma-separated list of k, e.g. --ks 1,2,4")
+    if opts["--ks"] is not None:
         try:
-            ks = [int(k) for k in argv[i + 1].split(",")]
+            ks = [int(k) for k in opts["--ks"].split(",")]
         except ValueError:
-            raise ValueError(f"--ks: expected a comma-separated list of ints, got {argv[i + 1]!r}") from None
-        del argv[i: i + 2]
+            raise ValueError(f"--ks: expected a comma-separated list of ints, got {opts['--ks']!r}") from None
+    try:
+        draws, q = int(opts["--draws"]), float(opts["--q"])
+    except ValueError:
+        raise ValueError(f"--draws / --q: expected an int and a fraction, got {opts['--draws']!r} and "
+                         f"{opts['--q']!r}") from None
+    if draws < 1 or not 0 < q <= 1:
+        raise ValueError(f"--draws / --q: expected draws >= 1 and q in (0, 1], got {draws} and {q}")
     if len(argv) != 1:
         raise ValueError("swift bon: expected one scored candidate jsonl file")
-    src = Path(argv[0])
-    if not src.is_file():
-        raise ValueError(f"swift bon: expected a candidate jsonl file, {src} "
-                         + ("is a directory" if src.is_dir() else "does not exist"))
-    ids_, arr = cands.group(cands.read_candidates(src))
+    src = _candidate_file(argv[0], "swift bon")
+    if opts["--format"] not in ("candidates", "qwen-math-bon"):
+        raise ValueError(f"--format: expected candidates or qwen-math-bon, got {opts['--format']!r}")
+    if opts["--format"] == "qwen-math-bon":
+        from swiftjax.data import math as math_grader
+
+        ids_, arr = cands.group(cands.from_math_bon(src))
+        arr["answers"] = [[math_grader.answer_key(a) for a in grp] for grp in arr["answers"]]
+    else:
+        ids_, arr = cands.group(cands.read_candidates(src))
     table = bon.bon_table(arr["correct"], scores=arr["scores"], answers=arr["answers"], ks=ks)
-    print(json.dumps({"n_problems": len(ids_), **table}, indent=1))
+    temps = {}
+    if opts["--fit"]:
+        _, fit = cands.group(cands.read_candidates(_candidate_file(opts["--fit"], "--fit")))
+        temps = {name: selection_mod.fit_temperature(fit["answers"], fit["correct"], fit["scores"][name])
+                 for name in arr["scores"] if name in fit["scores"]}
+    ks_sel = ks or bon.default_ks(arr["correct"].shape[1])
+    sel = selection_mod.selection_table(arr["answers"], arr["correct"], arr["scores"], ks_sel, temperatures=temps,
+                                        q=q, draws=draws)
+    print(selection_mod.format_selection(sel, ks_sel), file=sys.stderr)
+    print(json.dumps({"n_problems": len(ids_), "first_k": table, "temperatures": temps,
+                      "selection": {c: {str(k): list(v) for k, v in vals.items()} for c, vals in sel.items()}},
+                     indent=1))
     return 0
+
+
+def _candidate_file(arg: str, what: str) -> Path:
+    src = Path(arg)
+    if not src.is_file():
+        raise ValueError(f"{what}: expected a candidate jsonl file, {src} "
+                         + ("is a directory" if src.is_dir() else "does not exist"))
+    return src
 
 
 def sample_main(argv) -> int:

@@ -120,6 +120,30 @@ def test_outputs_are_checked_before_work(tmp_path):
         pipeline.run(cfg, report=False)
 
 
+def test_bon_command_reports_every_rule_over_random_subsets(tmp_path, capsys):
+    from swiftjax import cli, selection
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(12):
+        for j in range(4):
+            ok = bool(rng.random() < 0.5)
+            rows.append({"prompt_id": f"p{p}", "index": j, "prompt": "q", "text": "t", "token_ids": [1],
+                         "answer": "42" if ok else f"{j % 2}", "correct": ok,
+                         "scores": {"s": float(rng.normal() + ok), "c": float(rng.normal())}})
+    cands.write_candidates(tmp_path / "c.jsonl", rows)
+    assert cli.main(["swift", "bon", str(tmp_path / "c.jsonl"), "--ks", "1,4", "--draws", "8",
+                     "--fit", str(tmp_path / "c.jsonl")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["selection"]) == {"random", "oracle", "majority"} | {
+        f"{s}/{r}" for s in ("s", "c") for r in selection.SCORED_RULES}
+    _, arr = cands.group(rows)
+    best = arr["correct"][np.arange(12), arr["scores"]["s"].argmax(1)].mean() * 100
+    assert out["selection"]["s/best"]["4"][0] == pytest.approx(best)          # k = N: the whole set
+    assert out["first_k"]["s"]["4"] == pytest.approx(best)
+    assert set(out["temperatures"]) == {"s", "c"}
+
+
 def test_cli_mistakes_are_one_line_errors(tmp_path, capsys):
     from swiftjax import cli
 
