@@ -492,21 +492,8 @@ def fused_scores(model, params, spec: FeatureSpec, ids, attention_mask, response
 def fused_scores_batched(model, params, spec: FeatureSpec, ids, attention_mask, response_mask,
                          batch_size: int = 32, *, progress: bool = False) -> np.ndarray:
     """:func:`fused_scores` over a whole set [N, T] in fixed-shape batches -> [N] float32."""
-    cfg = _model_cfg(model)
-    _check_spec(spec)
-    _check_head(params, spec, cfg)
-    batch_size = _check_batch_size(batch_size)
-    ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
-    graphdef, state = nnx.split(model)
-    layers = _layers_or_empty(spec, cfg)
-    n = ids.shape[0]
-    out = np.zeros((n,), np.float32)
-    for rows in _progress(padded_batches(n, batch_size), -(-n // batch_size), progress, "score"):
-        s = _fused(state, params, take(ids, rows), take(attn, rows), take(resp, rows),
-                   graphdef=graphdef, spec=spec, layers=layers)
-        keep = rows >= 0
-        out[rows[keep]] = np.asarray(s)[keep]
-    return out
+    return _over_batches(_fused, False, "score", model, params, spec, ids, attention_mask, response_mask,
+                         batch_size, progress)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "layers"))
@@ -519,6 +506,13 @@ def fused_prefix_scores_batched(model, params, spec: FeatureSpec, ids, attention
                                 batch_size: int = 32, *, progress: bool = False) -> np.ndarray:
     """[N, T] the SWIFT score of every response prefix of teacher-forced rows (entry t: the
     response up to position t; what decoding's running score reads after that token)."""
+    return _over_batches(_fused_prefix, True, "prefix scores", model, params, spec, ids,
+                         attention_mask, response_mask, batch_size, progress)
+
+
+def _over_batches(fn, per_token: bool, label: str, model, params, spec, ids, attention_mask, response_mask,
+                  batch_size, progress) -> np.ndarray:
+    """Checked inputs, then the jitted ``fn`` over fixed-shape batches -> [N] or [N, T] float32."""
     cfg = _model_cfg(model)
     _check_spec(spec)
     _check_head(params, spec, cfg)
@@ -526,11 +520,11 @@ def fused_prefix_scores_batched(model, params, spec: FeatureSpec, ids, attention
     ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
     graphdef, state = nnx.split(model)
     layers = _layers_or_empty(spec, cfg)
-    out = np.zeros(ids.shape, np.float32)
-    for rows in _progress(padded_batches(ids.shape[0], batch_size), -(-ids.shape[0] // batch_size), progress,
-                          "prefix scores"):
-        s = _fused_prefix(state, params, take(ids, rows), take(attn, rows), take(resp, rows),
-                          graphdef=graphdef, spec=spec, layers=layers)
+    n = ids.shape[0]
+    out = np.zeros((n, ids.shape[1]) if per_token else (n,), np.float32)
+    for rows in _progress(padded_batches(n, batch_size), -(-n // batch_size), progress, label):
+        s = fn(state, params, take(ids, rows), take(attn, rows), take(resp, rows),
+               graphdef=graphdef, spec=spec, layers=layers)
         keep = rows >= 0
         out[rows[keep]] = np.asarray(s)[keep]
     return out

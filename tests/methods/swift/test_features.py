@@ -410,3 +410,21 @@ def test_token_logprob_features_match_numpy():
             prev = lp[b, t - 1]
             ref = [prev[ids[b, t]], -(np.exp(prev) * prev).sum(), *np.sort(prev)[::-1][:3]]
             np.testing.assert_allclose(got[b, t], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_prefix_scores_equal_the_fused_score_of_each_prefix(models):
+    _, model, cfg = models("llama")
+    spec = F.FeatureSpec(layers=(0, 2), apply_norm=True)
+    p = _head(spec, cfg, True, seed=3)
+    rs = np.random.RandomState(8)
+    ids = rs.randint(3, 97, size=(3, 9))
+    attn = np.ones_like(ids)
+    attn[2, 7:] = 0                                            # right padding
+    resp = np.zeros_like(ids)
+    resp[:, 4:] = 1
+    resp[2, 7:] = 0
+    got = F.fused_prefix_scores_batched(model, p, spec, ids, attn, resp, batch_size=2)
+    for t in range(9):
+        cut = resp * (np.arange(9)[None] <= t)
+        np.testing.assert_allclose(got[:, t], np.asarray(F.fused_scores(model, p, spec, ids, attn, cut)),
+                                   atol=FUSED_TOL, rtol=FUSED_TOL)
