@@ -51,6 +51,13 @@ def test_swift_run_on_a_tiny_chat_model(arch, tmp_path):
     ref = np.asarray(swift.score(params, feats.extract(bb.model, ids, attn, resp, spec), resp))
     got = pipeline.score_rows(bb, params, spec, rows, max_len=256, batch_size=8, progress=False)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # the sampler's stored confidence: its mean log-prob is the teacher-forced one (T = 1)
+    from swiftjax.logprobs import response_token_logprobs
+
+    lp, m = (np.asarray(x, np.float64) for x in response_token_logprobs(bb.model, ids, attn, resp))
+    np.testing.assert_allclose([r["scores"]["mean_logprob"] for r in rows], (lp * m).sum(1) / m.sum(1), atol=1e-4)
+    assert set(out["selection"]["curves"]) >= {"swift/best", "mean_logprob/weighted", "tail/borda", "majority"}
+    assert {c["every"] for c in out["pruning"]["configs"]} == {8, 16}
     # every response ends at an end-of-turn id or at max_new_tokens
     for r in rows:
         assert r["token_ids"][-1] in bb.eos_ids or len(r["token_ids"]) == 10
