@@ -38,6 +38,7 @@ __all__ = [
     "majority_at_k",
     "oracle_at_k",
     "pass_at_k",
+    "pass_at_k_rows",
     "rank_desc",
     "combine_ranking",
     "combine_scaling",
@@ -236,19 +237,17 @@ def pass_at_k(correct, ks=None) -> dict[int, float]:
     k-subsets.
     """
     correct = _as_correct(correct)
+    ks = _check_ks(ks, correct.shape[1])
+    return {k: _pct(pass_at_k_rows(correct, k)) for k in ks}
+
+
+def pass_at_k_rows(correct, k: int) -> np.ndarray:
+    """[P] per-prompt unbiased pass@k in [0, 1]: 1 - C(n - c, k) / C(n, k) for c correct of n."""
+    correct = np.asarray(correct, bool)
     n = correct.shape[1]
-    ks = _check_ks(ks, n)
-    c = correct.sum(axis=1)
-    out = {}
-    for k in ks:
-        vals = []
-        for ci in c:
-            if n - ci < k:
-                vals.append(1.0)
-            else:
-                i = np.arange(n - ci + 1, n + 1, dtype=np.float64)
-                vals.append(1.0 - float(np.prod(1.0 - k / i)))
-        out[k] = _pct(np.asarray(vals))
+    out = np.empty(correct.shape[0])
+    for i, ci in enumerate(correct.sum(axis=1)):
+        out[i] = 1.0 if n - ci < k else 1.0 - float(np.prod(1.0 - k / np.arange(n - ci + 1, n + 1, dtype=np.float64)))
     return out
 
 

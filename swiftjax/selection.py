@@ -27,10 +27,12 @@ from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
+from swiftjax.bon import pass_at_k_rows
+
 __all__ = [
     "mean_logprob", "self_certainty", "token_confidence", "lowest_group_confidence", "tail_confidence",
     "pick_best", "pick_majority", "pick_weighted", "pick_filter_vote", "pick_borda", "RULES",
-    "softmax_weights", "estimate_at_k", "sampler_confidences", "vote_weights", "fit_temperature",
+    "softmax_weights", "estimate_at_k", "sampler_confidences", "fit_temperature",
     "selection_table", "format_selection", "SCORED_RULES",
 ]
 
@@ -159,11 +161,18 @@ RULES: dict[str, Callable] = {"best": pick_best, "majority": pick_majority, "wei
 
 
 def softmax_weights(scores, temperature: float) -> np.ndarray:
-    """Per-problem softmax of scores [P, N] at ``temperature`` (a calibrated vote weight)."""
+    """Per-problem softmax of scores [P, N] at ``temperature`` (a calibrated vote weight). A vote
+    does not change under a per-problem factor, so these weights also serve any k-subset."""
     s = np.asarray(scores, np.float64) / float(temperature)
     s = s - s.max(-1, keepdims=True)
     e = np.exp(s)
     return e / e.sum(-1, keepdims=True)
+
+
+def _per_problem(values: np.ndarray) -> tuple[float, float]:
+    p = len(values)
+    se = values.std(ddof=1) / np.sqrt(p) if p > 1 else 0.0
+    return float(values.mean() * 100), float(se * 100)
 
 
 def estimate_at_k(rule: str | Callable, answers: Sequence[Sequence], scores, correct, ks: Sequence[int], *,
@@ -193,8 +202,7 @@ def estimate_at_k(rule: str | Callable, answers: Sequence[Sequence], scores, cor
                 j = fn([answers[i][t] for t in sub], scores[i, sub], **rule_kw)
                 hits.append(bool(j is not None and correct[i, sub[j]]))
             per[i] = np.mean(hits)
-        se = per.std(ddof=1) / np.sqrt(p) if p > 1 else 0.0
-        out[int(k)] = (float(per.mean() * 100), float(se * 100))
+        out[int(k)] = _per_problem(per)
     return out
 
 
@@ -224,37 +232,13 @@ SCORED_RULES = ("best", "weighted", "filter_vote", "borda")
 TEMPERATURE_GRID = tuple(float(t) for t in np.logspace(-2, 1, 13))
 
 
-def _per_problem(values: np.ndarray) -> tuple[float, float]:
-    p = len(values)
-    se = values.std(ddof=1) / np.sqrt(p) if p > 1 else 0.0
-    return float(values.mean() * 100), float(se * 100)
-
-
-def _unbiased_oracle(correct: np.ndarray, k: int) -> np.ndarray:
-    """Per problem: P(some correct among a random k-subset) = 1 - C(n - c, k) / C(n, k)."""
-    n = correct.shape[1]
-    out = np.empty(correct.shape[0])
-    for i, c in enumerate(correct.sum(1)):
-        out[i] = 1.0 if n - c < k else 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
-    return out
-
-
-def vote_weights(scores, temperature: float) -> np.ndarray:
-    """Per-candidate vote weights exp((s - max_row s) / T) [P, N]; a vote is unchanged by a
-    per-problem factor, so this equals a softmax over any subset of a problem's candidates."""
-    s = np.asarray(scores, np.float64) / float(temperature)
-    return np.exp(s - s.max(-1, keepdims=True))
-
-
 def fit_temperature(answers, correct, scores, grid: Sequence[float] = TEMPERATURE_GRID) -> float:
     """The softmax temperature of a score's vote weights that maximises weighted-vote accuracy
     over all N candidates of the given (training) problems; ties go to the larger T."""
-    correct = np.asarray(correct, bool)
+    n = np.shape(correct)[1]
     best_t, best_acc = None, -1.0
     for t in sorted(grid, reverse=True):
-        w = vote_weights(scores, t)
-        hits = [(j := pick_weighted(answers[i], w[i])) is not None and correct[i, j] for i in range(len(correct))]
-        acc = float(np.mean(hits))
+        acc = estimate_at_k("weighted", answers, softmax_weights(scores, t), correct, [n])[n][0]
         if acc > best_acc:
             best_t, best_acc = t, acc
     return float(best_t)
@@ -266,12 +250,12 @@ def selection_table(answers, correct, scores: dict, ks: Sequence[int], *, temper
 
     Curves: ``random`` (exact: the mean correctness), ``oracle`` (exact unbiased pass@k),
     ``majority``, and ``<score>/<rule>`` for each score and rule of :data:`SCORED_RULES`
-    (``weighted`` votes with :func:`vote_weights` at ``temperatures[score]``, default 1).
+    (``weighted`` votes with :func:`softmax_weights` at ``temperatures[score]``, default 1).
     Rules over subsets use :func:`estimate_at_k` (the same seeded subsets for every curve)."""
     correct = np.asarray(correct, bool)
     p, n = correct.shape
     out = {"random": {k: _per_problem(correct.mean(1)) for k in ks},
-           "oracle": {k: _per_problem(_unbiased_oracle(correct, k)) for k in ks},
+           "oracle": {k: _per_problem(pass_at_k_rows(correct, k)) for k in ks},
            "majority": estimate_at_k("majority", answers, None, correct, ks, draws=draws, seed=seed)}
     for name, s in scores.items():
         s = np.asarray(s, np.float64)
@@ -279,7 +263,7 @@ def selection_table(answers, correct, scores: dict, ks: Sequence[int], *, temper
             raise ValueError(f"scores[{name!r}]: expected shape [{p}, {n}], got {list(s.shape)}")
         t = (temperatures or {}).get(name, 1.0)
         for rule in SCORED_RULES:
-            vals = vote_weights(s, t) if rule == "weighted" else s
+            vals = softmax_weights(s, t) if rule == "weighted" else s
             out[f"{name}/{rule}"] = estimate_at_k(rule, answers, vals, correct, ks, draws=draws, seed=seed, q=q)
     return out
 

@@ -249,18 +249,21 @@ def _zero_masked(x, mask):
     return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
 
-@jax.jit
-def _score_from_projections(proj, mask):
+def _pooling_terms(proj, mask):
+    """Per-token numerator and denominator terms of the SWIFT pooling, and the denominator's
+    floor: gated ``(g r m, g m, GATE_EPS)``, ungated ``(r m, m, UNGATED_FLOOR)``; [B, T] each."""
     proj = _zero_masked(proj.astype(jnp.float32), mask)
     m = jnp.where(_keep(mask), mask.astype(jnp.float32), 0.0)
     if proj.shape[-1] == 2:
         g = jax.nn.sigmoid(proj[..., 0])
-        r = proj[..., 1]
-        num = jnp.sum(g * r * m, axis=-1)
-        den = jnp.sum(g * m, axis=-1)
-        return num / jnp.maximum(den, GATE_EPS)
-    r = proj[..., 0]
-    return jnp.sum(r * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), UNGATED_FLOOR)
+        return g * proj[..., 1] * m, g * m, GATE_EPS
+    return proj[..., 0] * m, m, UNGATED_FLOOR
+
+
+@jax.jit
+def _score_from_projections(proj, mask):
+    num, den, floor = _pooling_terms(proj, mask)
+    return jnp.sum(num, axis=-1) / jnp.maximum(jnp.sum(den, axis=-1), floor)
 
 
 def score_from_projections(proj, mask) -> jax.Array:
@@ -278,12 +281,8 @@ def score_from_projections(proj, mask) -> jax.Array:
 
 @jax.jit
 def _prefix_scores(proj, mask):
-    proj = _zero_masked(proj.astype(jnp.float32), mask)
-    m = jnp.where(_keep(mask), mask.astype(jnp.float32), 0.0)
-    if proj.shape[-1] == 2:
-        g = jax.nn.sigmoid(proj[..., 0])
-        return jnp.cumsum(g * proj[..., 1] * m, -1) / jnp.maximum(jnp.cumsum(g * m, -1), GATE_EPS)
-    return jnp.cumsum(proj[..., 0] * m, -1) / jnp.maximum(jnp.cumsum(m, -1), UNGATED_FLOOR)
+    num, den, floor = _pooling_terms(proj, mask)
+    return jnp.cumsum(num, axis=-1) / jnp.maximum(jnp.cumsum(den, axis=-1), floor)
 
 
 def prefix_scores_from_projections(proj, mask) -> jax.Array:
@@ -430,14 +429,8 @@ def running_score_init(batch: int, gated: bool = True) -> RunningScore:
 
 @jax.jit
 def _running_update(state, u_r_t, m_t):
-    m = jnp.where(_keep(m_t), m_t.astype(jnp.float32), 0.0)
-    u_r_t = _zero_masked(u_r_t.astype(jnp.float32), m_t)
-    if u_r_t.shape[-1] == 2:
-        g = jax.nn.sigmoid(u_r_t[:, 0])
-        r = u_r_t[:, 1]
-        return RunningScore(state.num + g * r * m, state.den + g * m, state.floor)
-    r = u_r_t[:, 0]
-    return RunningScore(state.num + r * m, state.den + m, state.floor)
+    num, den, _ = _pooling_terms(u_r_t, m_t)
+    return RunningScore(state.num + num, state.den + den, state.floor)
 
 
 def running_score_update(state: RunningScore, u_r_t, m_t) -> RunningScore:
