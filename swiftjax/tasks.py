@@ -87,6 +87,9 @@ GRADERS = {
     "math": (math_grader.extract_answer, math_grader.grade),
     "exact": (_last_line, _exact),
 }
+# Bumped whenever a grader's extraction or comparison changes, so candidate sets graded by the
+# old one are not reused (their rows store the answers and verdicts). gsm8k 2: reads \\boxed{}.
+GRADER_VERSIONS = {"gsm8k": 2, "math": 1, "exact": 1}
 
 
 def _read_jsonl(path: Path, where_field: str) -> list[tuple[int, dict]]:
@@ -217,6 +220,7 @@ class Task:
         d = dataclasses.asdict(self.cfg)
         d["prompt"] = self.prompt
         d["grader"] = self.grader
+        d["grader_version"] = GRADER_VERSIONS[self.grader]
         for k in ("train_path", "test_path"):
             if d[k]:
                 p = Path(d[k])

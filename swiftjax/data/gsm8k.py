@@ -2,8 +2,9 @@
 
 Reference solutions end with ``#### <number>`` (commas as thousands separators). Model
 solutions in OpenAI's ``example_model_solutions.jsonl`` put their final answer after
-``A: ``. Extraction from model text tries, in order: the last ``A: `` line, the last
-``#### `` line, then the last number anywhere in the text. Grading compares numbers, so
+``A: ``. Extraction from model text tries, in order: the last ``\\boxed{...}`` (chat models
+asked for it), the last ``A: `` line, the last ``#### `` line, then the last number anywhere in
+the text. Grading compares numbers, so
 ``18``, ``18.0``, ``$18.`` and ``1,8`` ... er, ``1,800`` vs ``1800`` compare by value.
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import math
 import re
 from pathlib import Path
+
+from swiftjax.data.math import last_boxed
 
 __all__ = [
     "load_gsm8k",
@@ -82,12 +85,16 @@ def _first_number(segment: str) -> str | None:
 def extract_answer(text: str) -> str | None:
     """The final numeric answer of a model solution as a string (commas kept), or None.
 
-    Order: the first number after the last 'A: '; else after the last '####'; else the last
-    number in the text. A marker followed by no number gives None (the solution committed
-    to a non-numeric answer) rather than a number from the working.
+    Order: the first number inside the last ``\\boxed{...}``; else after the last 'A: '; else
+    after the last '####'; else the last number in the text. A marker followed by no number
+    gives None (the solution committed to a non-numeric answer) rather than a number from the
+    working.
     """
     if not isinstance(text, str):
         return None
+    if "\\boxed" in text or "\\fbox" in text:
+        boxed = last_boxed(text)
+        return _first_number(boxed.replace("\\,", "").replace("{,}", ",")) if boxed else None
     for marker in ("A:", "####"):
         if marker in text:
             seg = _segment_after(text, marker)

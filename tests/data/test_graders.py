@@ -38,6 +38,11 @@ def test_gsm8k_extract_reference(sol, want):
         ("first A: 3\nthen A: 4", "4"),
         ("work 12 and 13\nA: 10+John's age", "10"),
         ("work 12\nA: none", None),  # committed to a non-number: no fallback
+        ("so 3 + 4 = 7.\nThe answer is \\boxed{7}. Check: 9", "7"),  # boxed wins over the last number
+        ("\\boxed{3} no, \\boxed{\\$1,800}", "1,800"),  # the last box; a dollar sign inside
+        ("A: 5\n\\boxed{12 \\text{ apples}}", "12"),  # boxed wins over 'A:'
+        ("total \\boxed{1\\,000}", "1000"),  # LaTeX thin-space thousands
+        ("\\boxed{x} and 3", None),  # a box with no number: no fallback
         ("blah\n#### 7", "7"),
         ("no markers: 3 apples and 5 pears", "5"),
         ("truncated 3333333333333", "3333333333333"),
