@@ -111,7 +111,7 @@ class Backbone:
 
     def __init__(self, path, *, template: str | None = None, system: str | None = None, dtype: str = "float32",
                  model=None, config=None):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         if not self.path.is_dir():
             raise ValueError(f"model: expected a Hugging Face model directory, {self.path} is not a directory")
         tok_file = self.path / "tokenizer.json"
@@ -331,10 +331,16 @@ class Backbone:
 
 
 def load_backbone(cfg: BackboneConfig | str | Path) -> Backbone:
-    """A :class:`Backbone` from a config (or a bare directory path)."""
+    """A :class:`Backbone` from a config (or a bare directory path). Inside a
+    :func:`swiftjax.parallel.use_mesh` block its weights are placed on that mesh (tensor
+    parallel over heads / FFN / vocabulary, FSDP over 'data')."""
     if isinstance(cfg, (str, Path)):
         cfg = BackboneConfig(path=str(cfg))
     if not cfg.path:
         raise ValueError("model: expected a Hugging Face model directory")
     path = WORLD_MODEL_DIR if cfg.path == "world" else cfg.path
-    return Backbone(path, template=cfg.template, system=cfg.system, dtype=cfg.dtype)
+    backbone = Backbone(path, template=cfg.template, system=cfg.system, dtype=cfg.dtype)
+    from swiftjax import parallel
+
+    parallel.shard_model(backbone.model, parallel.current_mesh())
+    return backbone
