@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx
 
 from swiftjax._checks import check_int, check_rank, check_same_shape
-from swiftjax.models.cache import init_cache
+from swiftjax import parallel
+from swiftjax.models.cache import KVCache, init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +185,14 @@ class Decoder:
         return {}
 
 
+def constrain_cache(c: KVCache) -> KVCache:
+    """The cache split along batch (and KV heads) on the ambient mesh (no-op without one)."""
+    return dataclasses.replace(
+        c, k=tuple(parallel.constrain(k, "batch", "kv_heads", None, None) for k in c.k),
+        v=tuple(parallel.constrain(v, "batch", "kv_heads", None, None) for v in c.v),
+        key_valid=parallel.constrain(c.key_valid, "batch", None))
+
+
 def _combine_first(logits_list, args):
     return logits_list[0]
 
@@ -200,15 +209,15 @@ class LMDecoder(Decoder):
         caches, logits = [], []
         for m, (ids, mask) in zip(models(), prompts):
             c = init_cache(m.config, ids.shape[0], ids.shape[1] + cfg.max_new_tokens, self.cache_dtype)
-            o = m(ids, mask, cache=c, last_only=True)
-            caches.append(o.cache)
+            o = m(ids, mask, cache=constrain_cache(c), last_only=True)
+            caches.append(constrain_cache(o.cache))
             logits.append(o.logits[:, -1])
         return caches, self.combine(logits, ctx)
 
     def advance(self, models, ctx, aux, tok, live, step):
         step_mask = jnp.ones((tok.shape[0], 1), jnp.int32)
         outs = [m(tok[:, None], step_mask, cache=c) for m, c in zip(models(), aux)]
-        return [o.cache for o in outs], self.combine([o.logits[:, -1] for o in outs], ctx)
+        return [constrain_cache(o.cache) for o in outs], self.combine([o.logits[:, -1] for o in outs], ctx)
 
 
 def _has_end(tokens, length, eos):
@@ -229,6 +238,8 @@ def _sample(states, args, prompts, key, *, graphdefs, decoder, cfg, prompt_group
         return [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
 
     ctx = decoder.setup(models, args)
+    prompts = [(parallel.constrain(ids, "batch", None), parallel.constrain(mask, "batch", None))
+               for ids, mask in prompts]  # rows split over the mesh's 'data' axis (no-op without one)
     if prompt_groups > 1:  # each group of identical prompts is prefilled once, its cache broadcast
         firsts = [(ids[::prompt_groups], mask[::prompt_groups]) for ids, mask in prompts]
         aux, logits = _repeat_rows(decoder.prefill(models, ctx, firsts, cfg), prompt_groups)

@@ -71,12 +71,20 @@ def init_state(params: Any, tx: optax.GradientTransformation, rng, frozen: Any =
     """A fresh :class:`TrainState`: ``tx.init(params)``, step 0, ``rng`` (int seed or key).
 
     ``tx.init`` runs eagerly, so optimizer moments inherit the shardings of sharded ``params``.
+    Inside a :func:`swiftjax.parallel.use_mesh` block ``params`` and ``frozen`` are first placed
+    on that mesh by :data:`swiftjax.parallel.MODEL_RULES` (a model fine-tuned on a mesh).
     The state takes ``params``' buffers as they are and the train step donates them: after
     the first step the JAX arrays passed here are deleted (numpy arrays are copied, so they
     survive); copy first (``jax.tree.map(jnp.copy, params)``) to keep using them.
     """
     if not jax.tree.leaves(params):
         raise ValueError("params: expected a pytree with at least one array, got an empty tree")
+    from swiftjax import parallel  # inside a `parallel.use_mesh` block: weights by the model rules
+
+    mesh = parallel.current_mesh()
+    if mesh is not None:
+        params = parallel.shard_tree(params, mesh, parallel.current_fsdp())
+        frozen = None if frozen is None else parallel.shard_tree(frozen, mesh, parallel.current_fsdp())
     return TrainState(
         params=params,
         opt_state=tx.init(params),
@@ -268,6 +276,10 @@ def make_train_step(
     step = train_step_fn(loss_fn, tx, lr_fn=lr_fn)
 
     def split_step(trained, frozen, batch):
+        from swiftjax import parallel  # rows split over a `parallel.use_mesh` mesh's 'data' axis
+
+        batch = jax.tree.map(lambda x: parallel.constrain(x, "batch", *(None,) * (x.ndim - 1)) if x.ndim else x,
+                             batch)
         new, metrics = step(trained.replace(frozen=frozen), batch)
         return new.replace(frozen=None), metrics
 

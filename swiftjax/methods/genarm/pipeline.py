@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from swiftjax.parallel import MeshConfig, use_mesh
 from swiftjax._io import atomic_file
 from swiftjax.backbone import Backbone, BackboneConfig, load_backbone
 from swiftjax.batching import epoch_batches, padded_batches, take
@@ -206,6 +207,8 @@ class GenarmConfig:
       ARMs start from and the model guided decoding steers.
     template / system / dtype: how the backbone is prompted (:class:`swiftjax.backbone.BackboneConfig`).
     arms: which ARMs to train / use. cache: where candidate sets are kept (null: ``out``).
+    mesh: the device mesh for sampling, ARM training and guided decoding
+      (:class:`swiftjax.parallel.MeshConfig`; default one device).
     """
 
     model: str = "world"
@@ -223,6 +226,7 @@ class GenarmConfig:
     train: ArmTrainConfig = ArmTrainConfig()
     weak: WeakSection = WeakSection()
     guide: GuideSection = GuideSection()
+    mesh: MeshConfig = MeshConfig()
 
 
 def backbone_of(cfg: GenarmConfig) -> Backbone:
@@ -590,7 +594,9 @@ def train(cfg: GenarmConfig, backbone: Backbone | None = None, task: Task | None
 
 
 def train_main(argv) -> int:
-    train(parse_typed(GenarmConfig, argv, "genarm train"))
+    cfg = parse_typed(GenarmConfig, argv, "genarm train")
+    with use_mesh(cfg.mesh):
+        train(cfg)
     return 0
 
 
@@ -749,7 +755,8 @@ def markdown(res: dict) -> str:
 
 def guide_main(argv) -> int:
     cfg = parse_typed(GenarmConfig, argv, "genarm guide")
-    guide(cfg)
+    with use_mesh(cfg.mesh):
+        guide(cfg)
     print((Path(cfg.out) / "results.md").read_text())
     return 0
 

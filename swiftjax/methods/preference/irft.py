@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from swiftjax.parallel import MeshConfig
 from swiftjax import logprobs as lm
 from swiftjax.backbone import Backbone
 from swiftjax.batching import epoch_batches, map_batches
@@ -147,6 +148,7 @@ class IRFTRunConfig:
     out: str = "runs/irft"
     seed: int = 0
     progress: bool = True
+    mesh: MeshConfig = MeshConfig()  # the device mesh (swiftjax.parallel); default one device
     generation: GenerationSection = GenerationSection()
     max_len: int | None = None
     sft: SFTSection = SFTSection()

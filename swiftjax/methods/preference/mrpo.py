@@ -41,6 +41,7 @@ from typing import Literal, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from swiftjax.parallel import MeshConfig
 from swiftjax._io import file_sha256
 from swiftjax.backbone import Backbone, BackboneConfig, load_backbone
 from swiftjax.config import to_plain
@@ -173,6 +174,7 @@ class MRPORunConfig:
     out: str = "runs/mrpo"
     seed: int = 0
     progress: bool = True
+    mesh: MeshConfig = MeshConfig()  # the device mesh (swiftjax.parallel); default one device
     generation: GenerationSection = GenerationSection()
     sft: SFTSection = SFTSection()
     candidates: CandidatesSection = CandidatesSection()

@@ -12,6 +12,7 @@ before any work starts. The output folder is checked writable before any work.
 from __future__ import annotations
 
 from swiftjax.config import parse_typed, subcommand
+from swiftjax.parallel import use_mesh
 from swiftjax.methods.preference.irft import IRFTRunConfig, run_irft
 from swiftjax.methods.preference.mrpo import MRPORunConfig, run_mrpo
 
@@ -20,13 +21,17 @@ __all__ = ["IRFTRunConfig", "MRPORunConfig", "run_irft", "run_mrpo", "irft_main"
 
 def irft_main(argv) -> int:
     """``swiftjax preference irft [CONFIG.yaml] [key=value ...]``."""
-    run_irft(parse_typed(IRFTRunConfig, argv, "preference irft"))
+    cfg = parse_typed(IRFTRunConfig, argv, "preference irft")
+    with use_mesh(cfg.mesh):
+        run_irft(cfg)
     return 0
 
 
 def mrpo_main(argv) -> int:
     """``swiftjax preference mrpo [CONFIG.yaml] [key=value ...]``."""
-    run_mrpo(parse_typed(MRPORunConfig, argv, "preference mrpo"))
+    cfg = parse_typed(MRPORunConfig, argv, "preference mrpo")
+    with use_mesh(cfg.mesh):
+        run_mrpo(cfg)
     return 0
 
 

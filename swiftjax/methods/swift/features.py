@@ -37,11 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from swiftjax import parallel
 from swiftjax.methods.swift import head as swift
 from swiftjax.methods.swift.prune import drop_lowest
 from swiftjax._checks import check_int, check_rank, check_same_shape
 from swiftjax.batching import padded_batches, take
-from swiftjax.sampling import LMDecoder, SamplingConfig, check_ids_in_vocab, run_sampler
+from swiftjax.sampling import LMDecoder, SamplingConfig, check_ids_in_vocab, constrain_cache, run_sampler
 from swiftjax.models.config import ModelConfig
 from swiftjax.models.transformer import HiddenState, LayerProjection, Taps
 
@@ -273,8 +274,14 @@ def _logit_feats(logits, ids, spec: FeatureSpec):
     return swift.logits_features(logits, _LOGITS_MODE[spec.mode], spec.k)
 
 
+def _split_rows(*xs):
+    """[B, T] inputs split along the mesh's 'data' axis (no-op without a mesh)."""
+    return tuple(parallel.constrain(x, "batch", None) for x in xs)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "layers"))
 def _extract(state, ids, attn, resp, *, graphdef, spec, layers):
+    ids, attn, resp = _split_rows(ids, attn, resp)
     return _features(nnx.merge(graphdef, state), ids, attn, resp, spec, layers)
 
 
@@ -469,6 +476,7 @@ def fused_projections(model, params, ids, attn, spec: FeatureSpec, layers, *, fo
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "layers"))
 def _fused(state, params, ids, attn, resp, *, graphdef, spec, layers):
+    ids, attn, resp = _split_rows(ids, attn, resp)
     proj, _ = fused_projections(nnx.merge(graphdef, state), params, ids, attn, spec, layers)
     return swift.score_from_projections(proj, resp)
 
@@ -498,6 +506,7 @@ def fused_scores_batched(model, params, spec: FeatureSpec, ids, attention_mask, 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "layers"))
 def _fused_prefix(state, params, ids, attn, resp, *, graphdef, spec, layers):
+    ids, attn, resp = _split_rows(ids, attn, resp)
     proj, _ = fused_projections(nnx.merge(graphdef, state), params, ids, attn, spec, layers)
     return swift.prefix_scores_from_projections(proj, resp)
 
@@ -583,7 +592,7 @@ class _ScoredDecoder(LMDecoder):
                                     self.layers, folded=folded, cache=aux["cache"], compute_logits=True)
         p = jnp.where(live[:, None], proj[:, 0], 0.0)
         run = swift.running_score_update(aux["run"], p, live)
-        return {"cache": o.cache, "proj": aux["proj"].at[:, step].set(p),
+        return {"cache": constrain_cache(o.cache), "proj": aux["proj"].at[:, step].set(p),
                 "running": aux["running"].at[:, step].set(swift.running_score_value(run)), "run": run}, o.logits[:, -1]
 
     def stop(self, ctx, aux, step, done):

@@ -25,6 +25,7 @@ import numpy as np
 from swiftjax import bon
 from swiftjax import selection as selection_mod
 from swiftjax._io import atomic_file
+from swiftjax.parallel import MeshConfig, use_mesh
 from swiftjax.backbone import Backbone, load_backbone, BackboneConfig
 from swiftjax.config import parse_typed, to_plain
 from swiftjax.data import candidates as cands
@@ -52,6 +53,8 @@ class SwiftRunConfig:
     train_problems_used: train the head on the first m training problems only.
     rollouts_per_group: the recipe's groups (each problem's n rollouts cut into n / this).
     head / candidates / score_name: for ``swift score``.
+    mesh: the device mesh the backbone samples and scores on (:class:`swiftjax.parallel.MeshConfig`;
+      default one device).
     """
 
     model: str = "world"
@@ -75,6 +78,7 @@ class SwiftRunConfig:
     head: str | None = None
     candidates: str | None = None
     score_name: str = "swift"
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         if self.n < 1:
@@ -472,10 +476,11 @@ def sample_main(argv) -> int:
     """``swiftjax sample CONFIG [split=test|train|both]``: only the candidate sets."""
     cfg = parse_typed(SwiftRunConfig, argv, "sample")
     check_writable(Path(cfg.cache or cfg.out), "out")
-    backbone, task = backbone_of(cfg), make_task(cfg.task)
-    for split in (("test", "train") if cfg.split == "both" else (cfg.split,)):
-        _, path = _candidates(cfg, backbone, task, split, print)
-        print(path)
+    with use_mesh(cfg.mesh):
+        backbone, task = backbone_of(cfg), make_task(cfg.task)
+        for split in (("test", "train") if cfg.split == "both" else (cfg.split,)):
+            _, path = _candidates(cfg, backbone, task, split, print)
+            print(path)
     return 0
 
 
@@ -492,13 +497,14 @@ def main(argv) -> int:
 
         return score_refine_main(rest)
     cfg = parse_typed(SwiftRunConfig, rest, f"swift {sub}")
-    if sub == "run":
-        run(cfg)
-    elif sub == "train":
-        train(cfg)
-        print(f"saved head -> {Path(cfg.out) / 'head'}")
-    else:
-        return _score(cfg)
+    with use_mesh(cfg.mesh):
+        if sub == "run":
+            run(cfg)
+        elif sub == "train":
+            train(cfg)
+            print(f"saved head -> {Path(cfg.out) / 'head'}")
+        else:
+            return _score(cfg)
     return 0
 
 

@@ -1,0 +1,101 @@
+"""swiftjax.parallel: sampling, scoring, feature extraction and fine-tuning steps on a device mesh
+equal one device. The multi-device checks run tests/_mesh_infer_worker.py once in a subprocess
+with 8 virtual CPU devices (meshes 4x2 with FSDP and 2x4 without)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from swiftjax import parallel
+
+REPO = Path(__file__).resolve().parents[1]
+MESHES = ("4x2", "2x4-nofsdp")
+
+
+@pytest.fixture(scope="module")
+def worker():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "_mesh_infer_worker.py")], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_worker_ran_every_mesh_on_8_devices(worker):
+    assert worker["devices"] == 8
+    assert sorted(worker["meshes"]) == sorted(MESHES)
+    for res in worker["meshes"].values():
+        assert res["n_devices_of_q"] == 8  # the weights really live on the mesh
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("what", ["greedy", "sampled", "grouped", "scored_tokens"])
+def test_mesh_tokens_identical_to_one_device(worker, mesh, what):
+    assert worker["meshes"][mesh][what] == worker["one"][what]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("what", ["sampled_logprobs", "fused", "features", "scored", "arm_loss", "dpo_loss"])
+def test_mesh_numbers_within_1e5_of_one_device(worker, mesh, what):
+    got, want = np.asarray(worker["meshes"][mesh][what]), np.asarray(worker["one"][what])
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_mesh_layouts_follow_the_rules(worker):
+    fs, tp = worker["meshes"]["4x2"]["shardings"], worker["meshes"]["2x4-nofsdp"]["shardings"]
+    q, o = "model/layers/0/self_attn/q_proj/weight/value", "model/layers/0/self_attn/o_proj/weight/value"
+    assert fs[q] == "P('model', 'data')" and fs[o] == "P('data', 'model')"  # TP over heads + FSDP
+    assert tp[q] == "P('model', None)" and tp[o] == "P(None, 'model')"      # TP only
+    assert fs["model/embed_tokens/weight/value"] == "P('model', 'data')"    # vocabulary rows over 'model'
+    assert fs["model/layers/0/input_layernorm/weight/value"] == "P()"       # norms replicated
+    # the KV cache: batch over 'data', KV heads over 'model' where they divide (2 heads: not over 4)
+    assert worker["meshes"]["4x2"]["cache"] == {"k": "P('data', 'model')", "v": "P('data', 'model')",
+                                                "key_valid": "P('data',)"}
+    assert worker["meshes"]["2x4-nofsdp"]["cache"]["k"] == "P('data',)"
+
+
+def test_mesh_config_checks_and_one_device_is_no_mesh():
+    with pytest.raises(ValueError, match=r"mesh\.data: expected a positive int, got 0"):
+        parallel.MeshConfig(data=0)
+    with pytest.raises(ValueError, match=r"mesh\.model"):
+        parallel.MeshConfig(model=True)
+    assert parallel.MeshConfig().build() is None
+    with parallel.use_mesh(parallel.MeshConfig()) as m:
+        assert m is None and parallel.current_mesh() is None
+    x = np.ones((4, 3), np.float32)
+    assert parallel.constrain(x, "batch", None) is x  # no mesh: untouched
+    with pytest.raises(ValueError, match=r"data\*model <= 1 devices"):
+        parallel.MeshConfig(data=2).build()
+
+
+def test_model_rules_name_every_large_weight_of_the_ports():
+    """Every 2-D weight of a Llama-family port matches a tensor-parallel rule (no silent replication)."""
+    import jax
+
+    from swiftjax.models.config import ModelConfig
+    from swiftjax.models.registry import abstract_model
+    from swiftjax.train.mesh import path_str
+
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                      num_kv_heads=2, head_dim=8, intermediate_size=64)
+    from flax import nnx
+
+    _, state = nnx.split(abstract_model(cfg))
+    mesh = jax.sharding.AbstractMesh((2, 2), ("data", "model"))
+    specs = parallel.model_param_specs(state, mesh)
+    flat = dict((path_str(p), s) for p, s in jax.tree_util.tree_flatten_with_path(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
+    shapes = dict((path_str(p), x.shape) for p, x in jax.tree_util.tree_flatten_with_path(state)[0])
+    for path, shape in shapes.items():
+        if len(shape) == 2:
+            assert "model" in tuple(flat[path]), (path, flat[path])
+        else:
+            assert flat[path] == jax.sharding.PartitionSpec(), path
