@@ -17,6 +17,7 @@ COMMANDS = {
     "genarm": ("swiftjax.methods.genarm.pipeline:main", "genarm train|guide CONFIG: autoregressive RM, guided decoding"),
     "preference": ("swiftjax.methods.preference.pipeline:main", "preference irft|mrpo CONFIG: SFT/IRFT/RFT, DPO/MRPO"),
     "world": ("swiftjax.world.model:main", "world train|export [CONFIG]: the embedded world's model"),
+    "plan": ("swiftjax.plan:main", "plan [CONFIG] model=.. mesh.data=.. mesh.model=..: per-device memory, no weights read"),
     "convert": ("swiftjax.cli:_convert", "convert llama2c|gguf SRC DST: a llama2.c checkpoint or a GGUF file to an HF directory"),
     "models": ("swiftjax.convert.fetch:main", "models fetch [NAME ...]: download real GGUF checkpoints, convert to HF (cache)"),
 }
