@@ -61,15 +61,17 @@ class MeshConfig:
         return self.devices > 1
 
     def build(self):
-        """The :class:`jax.sharding.Mesh`, or None for one device. Refuses a mesh larger than
-        the devices present (one line naming both)."""
+        """The :class:`jax.sharding.Mesh` over this host's devices, or None for one device.
+        On a pod every host builds its own (each samples and scores its own share of the
+        problems, :func:`swiftjax.sample.candidate_set`). Refuses a mesh larger than the
+        devices present (one line naming both)."""
         if not self.active:
             return None
-        n = len(jax.devices())
-        if self.devices > n:
-            raise ValueError(f"mesh: expected data*model <= {n} devices ({jax.default_backend()}), got "
+        devs = jax.local_devices()
+        if self.devices > len(devs):
+            raise ValueError(f"mesh: expected data*model <= {len(devs)} devices ({jax.default_backend()}), got "
                              f"data={self.data} model={self.model}")
-        return M.make_mesh(self.data, self.model)
+        return M.make_mesh(self.data, self.model, devices=devs)
 
 
 def model_rules(fsdp: bool = True) -> M.ShardingRules:

@@ -172,10 +172,40 @@ def _read_shard(path: Path, expect: int, start: int, n: int, problems) -> list[d
     return rows
 
 
+def _hosts(hosts) -> tuple[int, int]:
+    if hosts is None:
+        return jax.process_index(), jax.process_count()
+    i, p = hosts
+    if not (isinstance(p, int) and p >= 1 and isinstance(i, int) and 0 <= i < p):
+        raise ValueError(f"hosts: expected (process_index, process_count) with 0 <= index < count, got {hosts!r}")
+    return i, p
+
+
+def _wait_for(ready, what: str, wait_s: float, poll_s: float = 5.0):
+    """Poll ``ready()`` until it returns a value other than None, at most ``wait_s`` seconds."""
+    t0 = time.time()
+    while True:
+        got = ready()
+        if got is not None:
+            return got
+        if time.time() - t0 >= wait_s:
+            raise TimeoutError(f"waited {wait_s:.0f}s for {what} (SWIFTJAX_SHARD_WAIT sets the limit)")
+        time.sleep(min(poll_s, max(wait_s - (time.time() - t0), 0.01)))
+
+
 def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, sampling: SamplingSection, seed: int,
-                  out_dir, progress: bool = True, log=print) -> tuple[list[dict], Path]:
+                  out_dir, progress: bool = True, log=print, hosts: tuple[int, int] | None = None
+                  ) -> tuple[list[dict], Path]:
     """The N-per-problem candidate rows of ``task``'s ``split``, sampled or read back from
-    ``out_dir`` (see the module doc). Returns (rows in problem-then-index order, path)."""
+    ``out_dir`` (see the module doc). Returns (rows in problem-then-index order, path).
+
+    Several hosts (``hosts`` = (process_index, process_count), default JAX's) share the work
+    through ``out_dir`` on a filesystem they all see: host i samples the batches b with
+    b % count == i, process 0 waits for every shard, writes the set and removes the shards,
+    the other hosts wait for that file; every host returns the whole set. The set equals a
+    single host's (each batch's key depends on b only). ``SWIFTJAX_SHARD_WAIT``: the longest
+    wait in seconds (default one week)."""
+    host, n_hosts = _hosts(hosts)
     problems = task.problems(split)
     messages = [task.user_message(p) for p in problems]
     width = prompt_width(backbone, messages, prompt_len=sampling.prompt_len,
@@ -201,7 +231,8 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
                           pad_id=backbone.pad_id, record_topk=sampling.confidence_topk)
     base = jax.random.key(split_seed(seed, split))
     delay = float(os.environ.get("SWIFTJAX_SHARD_DELAY", "0") or 0)  # tests: time to kill between shards
-    rows: list[dict] = []
+    by_batch: dict[int, list[dict]] = {}
+    others: dict[int, tuple[Path, int, int]] = {}  # batches other hosts sample: shard, rows, first row
     t0, done_before = time.time(), 0
     ids = mask = None
     groups = math.gcd(n, bs)  # a batch's rows come in runs of identical prompts: prefill each run once
@@ -211,8 +242,11 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
         shard = shard_dir / f"{b:05d}.jsonl"
         got = _read_shard(shard, int(keep.sum()), s, n, problems) if shard.is_file() else None
         if got is not None:
-            rows += got
+            by_batch[b] = got
             done_before += 1
+            continue
+        if b % n_hosts != host:
+            others[b] = (shard, int(keep.sum()), s)
             continue
         if ids is None:
             ids, mask = backbone.encode_prompts([m for m in messages for _ in range(n)], width)
@@ -221,7 +255,7 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
         new = _shard_rows(backbone, task, problems, n, np.asarray(out.tokens)[keep], s,
                           _confidences(backbone, out, keep, sampling))
         cands.write_candidates(shard, new)
-        rows += new
+        by_batch[b] = new
         if progress:
             k = b + 1 - done_before
             rate = k / max(time.time() - t0, 1e-9)
@@ -231,12 +265,26 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
             time.sleep(delay)
     if progress and done_before < n_batches:
         print(file=sys.stderr)
+    wait_s = float(os.environ.get("SWIFTJAX_SHARD_WAIT", "") or 7 * 86400)
+    if host != 0:  # process 0 assembles the set; the others read it once written
+        def final():
+            ok = path.is_file() and kp.is_file() and kp.read_text(encoding="utf-8") == key_text
+            return cands.read_candidates(path) if ok else None
+
+        rows = _wait_for(final, f"process 0 to write {path}", wait_s)
+        log(f"candidates (written by process 0): {path}")
+        return rows, path
+    for b, (shard, expect, s) in sorted(others.items()):
+        by_batch[b] = _wait_for(lambda: _read_shard(shard, expect, s, n, problems) if shard.is_file() else None,
+                                f"shard {shard} from process {b % n_hosts}", wait_s)
+    rows = [r for b in sorted(by_batch) for r in by_batch[b]]
     cands.write_candidates(path, rows)
     with atomic_file(kp, "w", encoding="utf-8") as f:
         f.write(key_text)
     for f in shard_dir.glob("*.jsonl"):  # the set is whole: its shards are no longer needed
         f.unlink()
     shard_dir.rmdir()
-    log(f"sampled {len(rows)} {split} candidates ({n_batches - done_before} of {n_batches} batches now) "
-        f"in {time.time() - t0:.0f}s -> {path}")
+    here = n_batches - done_before - len(others)
+    log(f"sampled {len(rows)} {split} candidates ({here} of {n_batches} batches now"
+        + (f" here, {len(others)} by other hosts" if others else "") + f") in {time.time() - t0:.0f}s -> {path}")
     return rows, path

@@ -80,3 +80,21 @@ def test_pod_bad_arguments_fail():
                            "--name", "x", "--zone", "z", "--dry-run"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "NAME=VALUE" in proc.stderr
+
+
+def test_pod_bon_samples_on_every_worker_then_runs_swift_on_worker_0():
+    lines = _dry("bon", "configs/gsm8k/swift.yaml", "model=/mnt/llama", "mesh.model=4",
+                 "--shared-dir", "/mnt/shared/runs", "--env", "XLA_FLAGS=-x")
+    assert len(lines) == 2
+    sample, run = lines
+    assert sample[:6] == TPU + ["ssh", "pod-a"] and "--worker=all" in sample
+    cd, rest = _command_of(sample).split("&&", 1)
+    assert cd.strip() == "cd ~/swiftjax"
+    assert shlex.split(rest) == ["SWIFTJAX_DISTRIBUTED=auto", "XLA_FLAGS=-x", "python3", "-m", "swiftjax.cli",
+                                 "sample", "configs/gsm8k/swift.yaml", "model=/mnt/llama", "mesh.model=4",
+                                 "cache=/mnt/shared/runs", "split=both"]
+    assert "--worker=0" in run
+    _, rest = _command_of(run).split("&&", 1)
+    assert shlex.split(rest) == ["XLA_FLAGS=-x", "python3", "-m", "swiftjax.cli", "swift", "run",
+                                 "configs/gsm8k/swift.yaml", "model=/mnt/llama", "mesh.model=4",
+                                 "cache=/mnt/shared/runs"]

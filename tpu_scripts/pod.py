@@ -7,6 +7,7 @@ Every subcommand is a short list of ``gcloud compute tpus tpu-vm`` calls (plus a
     python tpu_scripts/pod.py create   --name sj --zone us-central2-b --accelerator-type v4-32
     python tpu_scripts/pod.py install  --name sj --zone us-central2-b
     python tpu_scripts/pod.py run      --name sj --zone us-central2-b swift train configs/x.yaml swift.lr=1e-3
+    python tpu_scripts/pod.py bon      --name sj --zone us-central2-b configs/gsm8k/swift.yaml model=/mnt/m --shared-dir /mnt/runs
     python tpu_scripts/pod.py copy-back --name sj --zone us-central2-b --remote-path runs --local ./runs
     python tpu_scripts/pod.py teardown --name sj --zone us-central2-b
 
@@ -68,13 +69,33 @@ def cmd_install(a) -> list[list[str]]:
 
 
 def cmd_run(a) -> list[list[str]]:
-    env = ["SWIFTJAX_DISTRIBUTED=auto", *a.env]
-    for e in env:
-        if "=" not in e or not e.split("=", 1)[0].isidentifier():
-            raise SystemExit(f"--env: expected NAME=VALUE, got {e!r}")
+    env = _env_words(a, True)
     cli = ["python3", "-m", "swiftjax.cli", a.command, a.config, *a.overrides]
     line = f"cd {a.remote_dir} && " + " ".join(shlex.quote(e) for e in env) + " " + shlex.join(cli)
     return [_ssh(a, "all", line)]
+
+
+def _env_words(a, distributed: bool) -> list[str]:
+    env = (["SWIFTJAX_DISTRIBUTED=auto"] if distributed else []) + list(a.env)
+    for e in env:
+        if "=" not in e or not e.split("=", 1)[0].isidentifier():
+            raise SystemExit(f"--env: expected NAME=VALUE, got {e!r}")
+    return env
+
+
+def cmd_bon(a) -> list[list[str]]:
+    """Best-of-N with SWIFT on a slice: every worker samples its share of the candidate batches
+    into ``--shared-dir`` (a folder all workers mount: NFS, gcsfuse), process 0 assembles each set;
+    then worker 0 alone trains the head, scores and writes the results, reusing those sets."""
+    shared = f"cache={a.shared_dir}"
+    sample = ["python3", "-m", "swiftjax.cli", "sample", a.config, *a.overrides, shared, "split=both"]
+    run = ["python3", "-m", "swiftjax.cli", "swift", "run", a.config, *a.overrides, shared]
+    lines = []
+    for words, worker, distributed in ((sample, "all", True), (run, "0", False)):
+        env = _env_words(a, distributed)
+        lines.append(_ssh(a, worker, f"cd {a.remote_dir} && " + " ".join(shlex.quote(e) for e in env)
+                          + (" " if env else "") + shlex.join(words)))
+    return lines
 
 
 def cmd_copy_back(a) -> list[list[str]]:
@@ -117,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--env", action="append", default=[], help="extra NAME=VALUE on the workers")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("bon", parents=[common],
+                       help="sample on all workers into a shared folder, then SWIFT Best-of-N on worker 0")
+    p.add_argument("config", help="a `swift run` config YAML path relative to the repo")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (both steps)")
+    p.add_argument("--shared-dir", required=True, help="candidate folder every worker mounts")
+    p.add_argument("--env", action="append", default=[], help="extra NAME=VALUE on the workers")
+    p.set_defaults(fn=cmd_bon)
 
     p = sub.add_parser("copy-back", parents=[common], help="fetch results from worker 0")
     p.add_argument("--remote-path", default="runs", help="path on worker 0 (relative: under --remote-dir)")

@@ -86,3 +86,25 @@ def test_shipped_model_is_what_the_manifest_says():
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids)).logits), ref, atol=1e-4)
+
+
+def test_hosts_share_a_candidate_set_through_the_filesystem(tiny_runs, tmp_path, monkeypatch):
+    """Two hosts (simulated in turn): host 1 samples its batches (odd b) and waits for process 0;
+    process 0 samples the even ones, assembles and cleans up; the set equals one host's, and host
+    1 then reads process 0's file."""
+    bb = load_backbone(tiny_runs[0])
+    task = make_task(TaskConfig(name="world", n_test=5, seed=0))
+    kw = dict(n=4, sampling=SamplingSection(max_new_tokens=12, prompt_len=64, batch_size=8), seed=2, progress=False,
+              log=lambda *_: None)
+    alone, _ = candidate_set(bb, task, "test", out_dir=tmp_path / "one", **kw)
+    monkeypatch.setenv("SWIFTJAX_SHARD_WAIT", "0.2")
+    with pytest.raises(TimeoutError, match="process 0 to write"):
+        candidate_set(bb, task, "test", out_dir=tmp_path / "pod", hosts=(1, 2), **kw)
+    shard_dir = next((tmp_path / "pod").glob("*.shards"))
+    assert sorted(p.name for p in shard_dir.glob("*.jsonl")) == ["00001.jsonl"]  # 3 batches: host 1 owns b=1
+    rows, path = candidate_set(bb, task, "test", out_dir=tmp_path / "pod", hosts=(0, 2), **kw)
+    assert rows == alone and not shard_dir.exists()
+    again, path1 = candidate_set(bb, task, "test", out_dir=tmp_path / "pod", hosts=(1, 2), **kw)
+    assert again == alone and path1 == path
+    with pytest.raises(ValueError, match=r"hosts: expected \(process_index, process_count\)"):
+        candidate_set(bb, task, "test", out_dir=tmp_path / "pod", hosts=(2, 2), **kw)
