@@ -11,7 +11,9 @@ restarts at the first missing shard, and the finished set is identical to an uni
 run's. Samples depend on the batch layout (which rows share a batch's key): ``batch_size``
 and ``prompt_len`` are part of the name, so changing them samples a new set. A batch's runs
 of identical prompts (the N samples of a problem) are prefilled once and their cache
-broadcast (key format 4; sets of format 3 prefilled every row and are not reused).
+broadcast (key format 4; sets of format 3 prefilled every row and are not reused). Rows carry
+the sampler's confidence scores and each token's confidence (format 5), so confidence-pruned
+sampling can be replayed offline.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from swiftjax.batching import padded_batches, take
 from swiftjax.config import to_plain
 from swiftjax.data import candidates as cands
 from swiftjax.sampling import SamplingConfig, generate
-from swiftjax.selection import sampler_confidences
+from swiftjax.selection import sampler_confidences, token_confidence
 from swiftjax.tasks import Task
 
 __all__ = ["SamplingSection", "candidate_set", "digest", "split_seed", "check_writable", "prompt_width",
@@ -131,7 +133,7 @@ def demonstration_rows(backbone: Backbone, task: Task, problems, index: int) -> 
     return rows
 
 
-def _shard_rows(backbone, task, problems, n, tokens, start, scores=None):
+def _shard_rows(backbone, task, problems, n, tokens, start, scores=None, token_conf=None):
     rows = []
     for j, resp in enumerate(tokens):
         r = start + j
@@ -143,6 +145,8 @@ def _shard_rows(backbone, task, problems, n, tokens, start, scores=None):
                "token_ids": resp_ids, "answer": ans, "correct": ok, "gold": p.gold}
         if scores:
             row["scores"] = {name: float(v[j]) for name, v in scores.items()}
+        if token_conf is not None:  # per generated token (end token included), for confidence pruning
+            row["token_confidence"] = [round(float(c), 4) for c in token_conf[j][: len(resp_ids)]]
         rows.append(row)
     return rows
 
@@ -210,7 +214,7 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
     messages = [task.user_message(p) for p in problems]
     width = prompt_width(backbone, messages, prompt_len=sampling.prompt_len,
                          max_new_tokens=sampling.max_new_tokens)
-    key = {"format": 4, "model": backbone.digest, "task": task.describe(), "split": split,
+    key = {"format": 5, "model": backbone.digest, "task": task.describe(), "split": split,
            "problems": digest([(p.id, m, p.gold) for p, m in zip(problems, messages)]), "n": n, "seed": seed,
            "sampling": to_plain(sampling), "prompt_len": width,
            "eos_ids": list(backbone.eos_ids), "pad_id": backbone.pad_id}
@@ -252,8 +256,9 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
             ids, mask = backbone.encode_prompts([m for m in messages for _ in range(n)], width)
         out = generate(backbone.model, take(ids, idx), take(mask, idx), key=jax.random.fold_in(base, b), cfg=scfg,
                        prompt_groups=groups)
+        token_conf = token_confidence(np.asarray(out.topk_logprobs)[keep]) if sampling.confidence_topk else None
         new = _shard_rows(backbone, task, problems, n, np.asarray(out.tokens)[keep], s,
-                          _confidences(backbone, out, keep, sampling))
+                          _confidences(backbone, out, keep, sampling), token_conf)
         cands.write_candidates(shard, new)
         by_batch[b] = new
         if progress:

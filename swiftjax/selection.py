@@ -86,6 +86,27 @@ def lowest_group_confidence(conf, mask, window: int) -> np.ndarray:
     return out
 
 
+def prefix_lowest_group(conf, window: int) -> np.ndarray:
+    """[T] the lowest-group confidence of every prefix of one response's token confidences [T]:
+    entry t equals :func:`lowest_group_confidence` of the first t + 1 tokens (the mean so far
+    until a window is full, then the running minimum of the window means). Confidence-pruned
+    sampling (DeepConf online) reads it at its checkpoints."""
+    x = np.asarray(conf, np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"conf: expected one response's [T] token confidences, got shape {x.shape}")
+    if window < 1:
+        raise ValueError(f"window: expected a positive int, got {window}")
+    if x.size == 0:
+        return x
+    cs = np.concatenate([[0.0], np.cumsum(x)])
+    t = np.arange(1, x.size + 1)
+    out = cs[1:] / t
+    if x.size >= window:
+        means = (cs[window:] - cs[:-window]) / window  # window ending at token window-1+i
+        out[window - 1:] = np.minimum.accumulate(means)
+    return out
+
+
 def tail_confidence(conf, mask, tail: int) -> np.ndarray:
     """[B] mean confidence of the last ``tail`` response tokens."""
     c, m = _masked(conf, mask)

@@ -34,6 +34,18 @@ def test_confidence_scores_against_definitions():
         assert S.tail_confidence(conf, mask, 2)[b] == pytest.approx(x[-2:].mean())
 
 
+@pytest.mark.parametrize("window", [1, 3, 5, 9])
+def test_prefix_lowest_group_is_the_lowest_group_of_every_prefix(window):
+    conf = np.random.default_rng(window).uniform(0.5, 9.0, size=8)
+    got = S.prefix_lowest_group(conf, window)
+    for t in range(8):
+        want = S.lowest_group_confidence(conf[None, : t + 1], np.ones((1, t + 1), bool), window)[0]
+        assert got[t] == pytest.approx(want)
+    assert S.prefix_lowest_group([], 3).shape == (0,)
+    with pytest.raises(ValueError, match=r"conf: expected one response's \[T\]"):
+        S.prefix_lowest_group(np.ones((2, 3)), 3)
+
+
 def _brute_weighted(answers, weights):
     best, best_w = None, -np.inf
     for a in dict.fromkeys(x for x in answers if x is not None):  # first-seen order

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 REQUIRED = ("prompt_id", "index", "prompt", "text", "token_ids", "answer", "correct")
-OPTIONAL = ("scores", "gold")
+OPTIONAL = ("scores", "gold", "token_confidence")
 GSM8K_SOLUTION_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 
 
@@ -82,6 +82,13 @@ def validate_row(row, where: str = "row") -> dict:
         for name, v in sc.items():
             if not isinstance(name, str) or not _is_num(v) or not math.isfinite(v):
                 raise ValueError(f"{where}: field 'scores': expected finite numbers by name, got {name!r}: {v!r}")
+    if "token_confidence" in row:
+        tc, ids = row["token_confidence"], row["token_ids"]
+        if not (isinstance(tc, list) and all(_is_num(v) and math.isfinite(v) for v in tc)):
+            raise ValueError(f"{where}: field 'token_confidence': expected a list of finite numbers, got {tc!r:.60}")
+        if ids is not None and len(tc) != len(ids):
+            raise ValueError(f"{where}: field 'token_confidence': expected one number per token ({len(ids)}), "
+                             f"got {len(tc)}")
     if "gold" in row and not isinstance(row["gold"], str):
         raise ValueError(f"{where}: field 'gold': expected a string, got {row['gold']!r:.60}")
     return row

@@ -110,7 +110,8 @@ def test_read_names_line_and_missing_field(tmp_path, field):
 @pytest.mark.parametrize(
     "field, value",
     [("index", -1), ("index", 1.0), ("index", True), ("prompt_id", 3), ("token_ids", [1, "2"]),
-     ("answer", 5), ("correct", 1), ("scores", {"a": "x"}), ("scores", [1.0]), ("text", None)],
+     ("answer", 5), ("correct", 1), ("scores", {"a": "x"}), ("scores", [1.0]), ("text", None),
+     ("token_confidence", [1.0, "x"]), ("token_confidence", [1.0] * 99), ("token_confidence", [float("nan")])],
 )
 def test_read_rejects_bad_types(tmp_path, field, value):
     rows = make_rows(p=1, n=2)

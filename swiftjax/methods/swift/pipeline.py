@@ -310,9 +310,30 @@ def _pruning(cfg: SwiftRunConfig, backbone, params, ordered_rows, te_arr, swift_
     out = []
     for every, frac in PRUNE_GRID:
         res = pruned_best_of_n(prefix.reshape(p, n, t), swift_scores, lengths.reshape(p, n), finished.reshape(p, n),
-                               te_arr["correct"], PruneConfig(every=every, fraction=frac))
+                               te_arr["correct"], PruneConfig(every=every, fraction=frac), answers=te_arr["answers"])
         out.append({"every": every, "fraction": frac, **res})
-    return {"n": n, "configs": out}
+    result = {"n": n, "configs": out}
+    conf = _confidence_prefixes(ordered_rows, lengths, t, cfg.sampling.confidence_window)
+    if conf is not None:  # the same mechanism on the sampler's own confidence: DeepConf online
+        final = np.array([r["scores"]["lowest_group"] for r in ordered_rows]).reshape(p, n)
+        result["confidence"] = [
+            {"every": every, "fraction": frac,
+             **pruned_best_of_n(conf.reshape(p, n, t), final, lengths.reshape(p, n), finished.reshape(p, n),
+                                te_arr["correct"], PruneConfig(every=every, fraction=frac), answers=te_arr["answers"])}
+            for every, frac in PRUNE_GRID]
+    return result
+
+
+def _confidence_prefixes(rows, lengths, t: int, window: int) -> np.ndarray | None:
+    """[rows, t] each response prefix's lowest-group confidence from the stored per-token
+    confidences (held after the response ends), or None when the rows lack them."""
+    if not all("token_confidence" in r and "lowest_group" in r.get("scores", {}) for r in rows):
+        return None
+    out = np.empty((len(rows), t), np.float32)
+    for i, r in enumerate(rows):
+        c = selection_mod.prefix_lowest_group(r["token_confidence"][: lengths[i]], window)
+        out[i] = np.concatenate([c, np.full(t - len(c), c[-1] if len(c) else 0.0)])
+    return out
 
 
 def print_pruning(result: dict) -> None:
@@ -321,13 +342,22 @@ def print_pruning(result: dict) -> None:
         return
     sel = result.get("selection", {}).get("curves", {})
     print(f"\nSWIFT-pruned sampling (replayed): Best-of-{pr['n']} among the kept candidates")
-    print(f"{'every':>6}{'drop':>6}{'tokens':>9}{'kept/prob':>10}{'accuracy':>16}")
-    for c in pr["configs"]:
+    print(f"{'every':>6}{'drop':>6}{'tokens':>9}{'kept/prob':>10}{'best':>16}{'vote':>16}")
+
+    def line(c):
+        vote = f"{c['vote_accuracy']:>9.1f} ±{c['vote_se']:>4.1f}" if "vote_accuracy" in c else ""
         print(f"{c['every']:>6}{c['fraction']:>6.2f}{100 * c['token_fraction']:>8.0f}%{c['kept_per_problem']:>10.1f}"
-              f"{c['accuracy']:>9.1f} ±{c['se']:>4.1f}")
+              f"{c['accuracy']:>9.1f} ±{c['se']:>4.1f}{vote}")
+
+    for c in pr["configs"]:
+        line(c)
     if "swift/best" in sel:
         plain = ", ".join(f"@{k} {v[0]:.1f}" for k, v in sel["swift/best"].items())
         print(f"plain SWIFT Best-of-k (random k-subsets; k/N of the tokens): {plain}")
+    if pr.get("confidence"):
+        print("the same pruning by the sampler's lowest-group confidence (DeepConf online; best by it, vote):")
+        for c in pr["confidence"]:
+            line(c)
 
 
 def print_selection(result: dict) -> None:

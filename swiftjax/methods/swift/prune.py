@@ -69,16 +69,30 @@ def replay(prefix, lengths, finished, cfg: PruneConfig) -> np.ndarray:
     return stopped
 
 
-def pruned_best_of_n(prefix, final, lengths, finished, correct, cfg: PruneConfig) -> dict:
+def pruned_best_of_n(prefix, final, lengths, finished, correct, cfg: PruneConfig, answers=None) -> dict:
     """Accuracy (%) of Best-of-N by the final score among the candidates pruning keeps, and the
-    tokens generated (pruned candidates count up to their checkpoint) against plain sampling."""
+    tokens generated (pruned candidates count up to their checkpoint) against plain sampling.
+    With ``answers`` [P][N] also ``vote_accuracy``: majority vote among the kept candidates."""
+    from swiftjax.selection import pick_majority
+
     stopped = replay(prefix, lengths, finished, cfg)
     kept = stopped < 0
     tokens = np.where(kept, lengths, stopped + 1)
     pick = np.argmax(np.where(kept, np.asarray(final, np.float64), -np.inf), axis=1)
-    hits = np.asarray(correct, bool)[np.arange(len(pick)), pick]
+    correct = np.asarray(correct, bool)
+    hits = correct[np.arange(len(pick)), pick]
     p = len(pick)
-    return {"accuracy": float(hits.mean() * 100),
+    extra = {}
+    if answers is not None:
+        votes = []
+        for i in range(p):
+            idx = np.flatnonzero(kept[i])
+            j = pick_majority([answers[i][t] for t in idx])
+            votes.append(bool(j is not None and correct[i, idx[j]]))
+        votes = np.array(votes)
+        extra = {"vote_accuracy": float(votes.mean() * 100),
+                 "vote_se": float(votes.std(ddof=1) / np.sqrt(p) * 100) if p > 1 else 0.0}
+    return {**extra, "accuracy": float(hits.mean() * 100),
             "se": float(hits.std(ddof=1) / np.sqrt(p) * 100) if p > 1 else 0.0,
             "tokens": int(tokens.sum()), "tokens_plain": int(np.asarray(lengths).sum()),
             "token_fraction": float(tokens.sum() / max(int(np.asarray(lengths).sum()), 1)),

@@ -55,6 +55,31 @@ def test_pruned_best_of_n_counts_tokens_and_picks_among_the_kept():
     np.testing.assert_array_equal(stopped, [[0, -1, -1]])   # step 0: 3 live, drop 1 (the lowest)
     res = pruned_best_of_n(prefix, prefix[:, :, -1], lengths, finished, correct, cfg)
     assert res["tokens"] == 1 + 4 + 2 and res["tokens_plain"] == 10 and res["accuracy"] == 0.0
+    assert "vote_accuracy" not in res
+
+
+def test_pruned_vote_is_majority_among_the_kept_against_brute_force():
+    rng = np.random.default_rng(3)
+    p, n, t = 40, 6, 12
+    prefix = rng.normal(size=(p, n, t))
+    lengths = rng.integers(3, t + 1, size=(p, n))
+    finished = rng.random((p, n)) < 0.7
+    answers = [[str(a) if a < 3 else None for a in rng.integers(0, 4, size=n)] for _ in range(p)]
+    correct = np.array([[a == "1" for a in row] for row in answers])
+    cfg = PruneConfig(every=3, fraction=0.5)
+    res = pruned_best_of_n(prefix, prefix[:, :, -1], lengths, finished, correct, cfg, answers=answers)
+    kept = replay(prefix, lengths, finished, cfg) < 0
+    hits = []
+    for i in range(p):
+        counts = {}
+        for j in range(n):
+            if kept[i, j] and answers[i][j] is not None:
+                counts[answers[i][j]] = counts.get(answers[i][j], 0) + 1
+        top = max(counts.values()) if counts else 0
+        winner = next((answers[i][j] for j in range(n) if kept[i, j] and counts.get(answers[i][j]) == top), None)
+        hits.append(winner == "1")
+    assert res["vote_accuracy"] == pytest.approx(100 * np.mean(hits))
+    assert 0 < res["vote_accuracy"] < 100
 
 
 def test_online_pruning_keeps_what_the_offline_replay_keeps(tmp_path):

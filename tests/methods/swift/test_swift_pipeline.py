@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hf_tiny import save_tiny_chat_model, write_gsm8k_toy
 
+from swiftjax import selection as S
 from swiftjax.config import parse_typed
 from swiftjax.data import candidates as cands
 from swiftjax.methods.swift import pipeline
@@ -58,6 +59,13 @@ def test_swift_run_on_a_tiny_chat_model(arch, tmp_path):
     np.testing.assert_allclose([r["scores"]["mean_logprob"] for r in rows], (lp * m).sum(1) / m.sum(1), atol=1e-4)
     assert set(out["selection"]["curves"]) >= {"swift/best", "mean_logprob/weighted", "tail/borda", "majority"}
     assert {c["every"] for c in out["pruning"]["configs"]} == {8, 16}
+    # the same pruning replayed on the sampler's per-token confidences (DeepConf online)
+    assert [(c["every"], c["fraction"]) for c in out["pruning"]["confidence"]] == \
+        [(c["every"], c["fraction"]) for c in out["pruning"]["configs"]]
+    for r in rows:  # each token's confidence; their lowest group is the stored score
+        assert len(r["token_confidence"]) == len(r["token_ids"])
+        assert r["scores"]["lowest_group"] == pytest.approx(
+            S.prefix_lowest_group(r["token_confidence"], cfg.sampling.confidence_window)[-1], abs=1e-3)
     # every response ends at an end-of-turn id or at max_new_tokens
     for r in rows:
         assert r["token_ids"][-1] in bb.eos_ids or len(r["token_ids"]) == 10
