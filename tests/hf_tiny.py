@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 import transformers
 
-ARCHS = ("llama", "llama3", "mistral", "qwen2", "gpt2")
+ARCHS = ("llama", "llama3", "mistral", "qwen2", "gpt2", "qwen3", "gemma2", "gemma3", "phi3")
+# the 11-token test batches are longer than these windows; Gemma's blocks alternate sliding / full
+WINDOWS = {"mistral": 5, "gemma2": 4, "gemma3": 4, "phi3": 6}
 
 
 def tiny_hf_config(arch: str, vocab: int = 97):
@@ -22,6 +24,29 @@ def tiny_hf_config(arch: str, vocab: int = 97):
         return transformers.MistralConfig(**common, sliding_window=5, tie_word_embeddings=False)
     if arch == "qwen2":
         return transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
+    if arch == "qwen3":  # head_dim 16 != 48 / 4
+        return transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=False,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+    if arch == "gemma2":  # small soft-caps so that they change the outputs
+        return transformers.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=24,
+                                         sliding_window=WINDOWS[arch], attn_logit_softcapping=1.5,
+                                         final_logit_softcapping=2.0,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+    if arch == "gemma3":  # local / global RoPE bases, linear scaling on the global one; transformers
+        # ignores attn_logit_softcapping in Gemma 3 (so must we), final_logit_softcapping applies
+        return transformers.Gemma3TextConfig(
+            **common, head_dim=16, query_pre_attn_scalar=20, sliding_window=WINDOWS[arch],
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            attn_logit_softcapping=0.5, final_logit_softcapping=2.5,
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 2000.0}})
+    if arch == "phi3":  # partial rotary + longrope (short factors below 64 positions; attention
+        # factor from max / original max = 2), window on every block
+        return transformers.Phi3Config(
+            **common, sliding_window=WINDOWS[arch], tie_word_embeddings=False,
+            original_max_position_embeddings=64, partial_rotary_factor=0.5,
+            rope_parameters={"rope_type": "longrope", "rope_theta": 500.0, "partial_rotary_factor": 0.5,
+                             "short_factor": [1.0, 1.7, 2.9], "long_factor": [2.0, 5.0, 11.0]})
     if arch == "gpt2":
         return transformers.GPT2Config(vocab_size=vocab, n_embd=48, n_layer=3, n_head=4,
                                        n_positions=128, bos_token_id=1, eos_token_id=2,

@@ -12,8 +12,9 @@ What the conversion undoes (llama.cpp's ``convert_hf_to_gguf`` applied it):
 
 * tensor names: ``blk.N.attn_q.weight`` -> ``model.layers.N.self_attn.q_proj.weight`` etc.;
 * ``llama`` only: the rows of ``attn_q`` / ``attn_k`` (weights and biases) were permuted inside
-  each head from HF's rotate-half RoPE layout to GGML's interleaved-pair layout; ``qwen2`` uses
-  GGML's NeoX RoPE and was stored as is;
+  each head from HF's rotate-half RoPE layout to GGML's interleaved-pair layout; ``qwen2`` and
+  ``qwen3`` use GGML's NeoX RoPE and were stored as is (``qwen3`` adds the per-head q/k norms
+  ``attn_q_norm`` / ``attn_k_norm``);
 * ``llama`` with Llama-3 RoPE scaling: the scaling is stored as a ``rope_freqs`` tensor (one
   divisor per frequency) instead of config numbers; they are recovered from it (see
   :func:`llama3_rope_from_factors`);
@@ -40,7 +41,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 SUPPORTED_TOKENIZERS = ("gpt2",)
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -151,6 +152,8 @@ _LAYER_NAMES = {
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.weight": "self_attn.v_proj.weight",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
     "attn_output.bias": "self_attn.o_proj.bias",
     "ffn_gate.weight": "mlp.gate_proj.weight",
@@ -353,6 +356,8 @@ def plan_conversion(reader, path="gguf") -> Plan:
             p + "mlp.up_proj.weight": (ffn, hidden),
             p + "mlp.down_proj.weight": (hidden, ffn),
         })
+        if arch == "qwen3":
+            expected.update({p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,)})
     optional_bias = {}
     for i in range(n_layers):
         p = f"model.layers.{i}."
@@ -398,14 +403,17 @@ def plan_conversion(reader, path="gguf") -> Plan:
     else:
         attn = biases & {"q_proj", "k_proj", "v_proj", "o_proj"}
         mlp = biases & {"gate_proj", "up_proj", "down_proj"}
+        if arch == "qwen3" and mlp:
+            raise _err(path, f"qwen3: expected no MLP biases, got biases on {sorted(mlp)}")
         if attn and len(attn) != 4 or mlp and len(mlp) != 3:
-            raise _err(path, f"llama: biases on {sorted(biases)} only (HF Llama has all attention biases or none, "
-                             "all MLP biases or none)")
+            raise _err(path, f"{arch}: biases on {sorted(biases)} only (HF {arch} has all attention biases or "
+                             "none, all MLP biases or none)")
         attention_bias, mlp_bias = bool(attn), bool(mlp)
     plan.tensors.sort(key=lambda x: _sort_key(x[0]))
 
     cfg = {
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                           "qwen3": "Qwen3ForCausalLM"}[arch]],
         "model_type": arch,
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -430,6 +438,8 @@ def plan_conversion(reader, path="gguf") -> Plan:
         cfg.update(attention_bias=attention_bias, mlp_bias=mlp_bias, pretraining_tp=1)
     else:
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=n_layers)
+    if arch == "qwen3":
+        cfg["attention_bias"] = attention_bias
     plan.config = cfg
     return plan
 
@@ -789,7 +799,8 @@ def main_convert(argv: Iterable[str] | None = None) -> int:
     if argv and argv[0] == "gguf":
         argv = argv[1:]
     ap = argparse.ArgumentParser(prog="swiftjax convert gguf",
-                                 description="Convert a llama.cpp GGUF file (llama, qwen2) to a Hugging Face folder.")
+                                 description="Convert a llama.cpp GGUF file (llama, qwen2, qwen3) to a "
+                                             "Hugging Face folder.")
     ap.add_argument("src", help="the .gguf file")
     ap.add_argument("dst", help="output folder (must be absent or empty unless --overwrite)")
     ap.add_argument("--dtype", default="float32", choices=DTYPES, help="weight dtype (default float32)")

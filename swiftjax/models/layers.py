@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from swiftjax.models.config import ModelConfig
+from swiftjax.models.config import FULL, SLIDING, ModelConfig
 
 INIT_STD = 0.02
 
@@ -84,16 +84,24 @@ class Embedding(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Llama-style RMS norm, accumulated in float32 (as transformers does)."""
+    """RMS norm over the last axis, accumulated in float32 (as transformers does).
 
-    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+    Llama style (default): ``w * x_hat`` with ``x_hat`` cast back to the input dtype first.
+    ``unit_offset`` (Gemma): weights stored as offsets from one (initialised to 0) and the
+    product ``x_hat * (1 + w)`` taken in float32 before the cast.
+    """
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, unit_offset: bool = False):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.unit_offset = unit_offset
+        self.weight = nnx.Param((jnp.zeros if unit_offset else jnp.ones)((dim,), param_dtype))
 
     def __call__(self, x):
         dt = x.dtype
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(dt)
         return self.weight[...].astype(dt) * x32.astype(dt)
 
 
@@ -127,11 +135,25 @@ def activation(name: str):
     return fns[name]
 
 
+def softcap(x, cap: float | None):
+    """``cap * tanh(x / cap)`` (Gemma's soft capping of attention scores / logits); x if None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 # ---------------------------------------------------------------------------- RoPE
-def rope_inv_freq(cfg: ModelConfig):
-    """Inverse frequencies [Dh/2] in float32, with the scaling types Llama uses."""
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+def _plain_inv_freq(theta: float, dim: int):
+    """1 / theta^(2i / dim) for i < dim / 2, float32."""
+    return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+
+
+def rope_inv_freq(cfg: ModelConfig, layer_type: str = FULL):
+    """Inverse frequencies [rotary_dim/2] in float32 of blocks of ``layer_type``: the scaling
+    types Llama uses; Gemma 3's sliding blocks use their own plain base. (``longrope``, whose
+    frequencies depend on the sequence length, is handled in :func:`rope_tables`.)"""
+    dim = cfg.rotary_dim
+    if layer_type == SLIDING and cfg.rope_local_theta is not None:
+        return _plain_inv_freq(cfg.rope_local_theta, dim)
+    inv = _plain_inv_freq(cfg.rope_theta, dim)
     s = cfg.rope_scaling_dict()
     if cfg.rope_type == "linear":
         inv = inv / float(s["factor"])
@@ -150,30 +172,61 @@ def rope_inv_freq(cfg: ModelConfig):
     return inv
 
 
-def rope_tables(cfg: ModelConfig, positions):
-    """cos, sin [B, T, Dh/2] float32 for integer ``positions`` [B, T]."""
-    ang = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
-    return jnp.cos(ang), jnp.sin(ang)
+def longrope_attention_factor(cfg: ModelConfig) -> float:
+    """LongRoPE's cos/sin multiplier: ``attention_factor`` if given, else
+    sqrt(1 + ln(f) / ln(original max)) with f = ``factor`` or max / original max (1 if f <= 1)."""
+    s = cfg.rope_scaling_dict()
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    orig = s["original_max_position_embeddings"]
+    factor = float(s["factor"]) if s.get("factor") is not None else cfg.max_position_embeddings / orig
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+
+
+def rope_tables(cfg: ModelConfig, positions, layer_type: str = FULL):
+    """cos, sin [B, T, rotary_dim/2] float32 for integer ``positions`` [B, T], for blocks of
+    ``layer_type``.
+
+    ``longrope`` (Phi-3) divides the frequencies by its ``long_factor`` when the forward's
+    largest position + 1 exceeds ``original_max_position_embeddings``, else by its
+    ``short_factor`` (one choice for the whole call, as transformers makes it), and scales
+    cos and sin by :func:`longrope_attention_factor`.
+    """
+    pos = positions.astype(jnp.float32)[..., None]
+    if cfg.rope_type != "longrope" or (layer_type == SLIDING and cfg.rope_local_theta is not None):
+        ang = pos * rope_inv_freq(cfg, layer_type)
+        return jnp.cos(ang), jnp.sin(ang)
+    s = cfg.rope_scaling_dict()
+    base = _plain_inv_freq(cfg.rope_theta, cfg.rotary_dim)
+    long = jnp.max(positions) + 1 > s["original_max_position_embeddings"]
+    ext = jnp.where(long, jnp.asarray(s["long_factor"], jnp.float32), jnp.asarray(s["short_factor"], jnp.float32))
+    ang = pos * (base / ext)
+    a = longrope_attention_factor(cfg)
+    return jnp.cos(ang) * a, jnp.sin(ang) * a
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE on x [B, T, H, Dh] (HF convention), computed in float32."""
+    """Rotate-half RoPE on x [B, T, H, Dh] (HF convention), computed in float32. With tables of
+    rotary_dim/2 < Dh/2 (partial rotary) only the first rotary_dim channels rotate."""
     dt = x.dtype
     x = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    half = cos.shape[-1]
+    rest = x[..., 2 * half:]
+    x1, x2 = x[..., :half], x[..., half:2 * half]
     c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(dt)
+    parts = [x1 * c - x2 * s, x2 * c + x1 * s] + ([rest] if rest.shape[-1] else [])
+    return jnp.concatenate(parts, axis=-1).astype(dt)
 
 
 # ---------------------------------------------------------------------------- attention
-def attend(q, k, v, allowed, dtype):
-    """Grouped-query attention. q [B,T,H,Dh], k/v [B,Hkv,S,Dh] (heads first, the KV cache's
-    layout), allowed [B,T,S] bool. Query heads are grouped over their KV head (no repetition
-    of keys/values).
+def attend(q, k, v, allowed, dtype, *, scale: float | None = None, logit_cap: float | None = None):
+    """Grouped-query attention. q [B,T,H,Dh], k [B,Hkv,Dh,S] and v [B,Hkv,S,Dh] (heads first,
+    the KV cache's layouts), allowed [B,T,S] bool. Query heads are grouped over their KV head
+    (no repetition of keys/values).
 
-    Scores and softmax run in float32; rows with no allowed key get a uniform (finite)
-    distribution instead of NaN (they are padding and never read).
+    Scores are ``q.k * scale`` (default ``1/sqrt(Dh)``), soft-capped at ``logit_cap`` when
+    given (Gemma 2). Scores and softmax run in float32; rows with no allowed key get a uniform
+    (finite) distribution instead of NaN (they are padding and never read).
     """
     b, t, h, dh = q.shape
     hkv = k.shape[1]
@@ -181,8 +234,9 @@ def attend(q, k, v, allowed, dtype):
     # query rows of one KV head side by side: [B, Hkv, T*G, Dh]; both products then have
     # (batch, KV head) leading and the contracted/summed axis where XLA's CPU dot wants it
     qg = jnp.swapaxes(q.reshape(b, t, hkv, g, dh), 1, 2).reshape(b, hkv, t * g, dh).astype(dtype)
-    scores = jnp.einsum("bkqd,bkds->bkqs", qg, k.astype(dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(dh)
+    scores = jnp.einsum("bkqd,bkds->bkqs", qg, k.astype(dtype), preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(dh) if scale is None else scores * scale
+    scores = softcap(scores, logit_cap)
     ok = jnp.broadcast_to(allowed[:, None, :, None, :], (b, 1, t, g, allowed.shape[-1]))
     scores = jnp.where(ok.reshape(b, 1, t * g, -1), scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)

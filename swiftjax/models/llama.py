@@ -1,5 +1,6 @@
-"""Llama 2/3, Mistral and Qwen2/2.5 as one Flax NNX module; the differences are config
-flags (qkv bias, rope scaling, tied embeddings, sliding window).
+"""Llama 2/3, Mistral, Qwen2/2.5 and Qwen3 as one Flax NNX module; the differences are
+config flags (qkv bias, rope scaling, tied embeddings, sliding window, Qwen3's per-head
+q/k RMSNorm). The attention and MLP here are shared by the Gemma and Phi-3 ports.
 
 Attribute names mirror transformers' ``LlamaForCausalLM`` so that a parameter's path in
 the NNX state is its safetensors key (``model.layers.3.self_attn.q_proj.weight``).
@@ -17,28 +18,54 @@ from swiftjax.models.transformer import DecoderLM
 
 
 class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, writing its keys/values into the KV cache.
+
+    Options from the config: q/k/v and o biases; ``qk_norm`` (an RMSNorm over each query /
+    key head, before RoPE: Qwen3, Gemma 3); ``query_pre_attn_scalar`` and
+    ``attn_logit_softcapping`` (Gemma). Subclasses with other projection weights override
+    :meth:`qkv`.
+    """
+
     def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
         d, h, hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.init_projections(cfg, **kw)
+        self.o_proj = Linear(h * dh, d, bias=cfg.o_bias, **kw)
+        if cfg.qk_norm:
+            nkw = dict(param_dtype=param_dtype, unit_offset=cfg.norm_unit_offset)
+            self.q_norm = RMSNorm(dh, cfg.norm_eps, **nkw)
+            self.k_norm = RMSNorm(dh, cfg.norm_eps, **nkw)
+        else:
+            self.q_norm = self.k_norm = None
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        self.logit_cap = cfg.attn_logit_softcapping
+        self.shape = (h, hkv, dh)
+        self.dtype = dtype
+
+    def init_projections(self, cfg: ModelConfig, **kw):
+        d, h, hkv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = Linear(d, h * dh, bias=cfg.qkv_bias, **kw)
         self.k_proj = Linear(d, hkv * dh, bias=cfg.qkv_bias, **kw)
         self.v_proj = Linear(d, hkv * dh, bias=cfg.qkv_bias, **kw)
-        self.o_proj = Linear(h * dh, d, bias=cfg.o_bias, **kw)
-        self.shape = (h, hkv, dh)
-        self.dtype = dtype
+
+    def qkv(self, x):
+        """x [B, T, D] -> q [B, T, H*Dh], k, v [B, T, Hkv*Dh]."""
+        return project(x, [self.q_proj, self.k_proj, self.v_proj])
 
     def __call__(self, x, tables, allowed, layer_kv, cursor):
         b, t, _ = x.shape
         h, hkv, dh = self.shape
-        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
+        q, k, v = self.qkv(x)
         q, k, v = q.reshape(b, t, h, dh), k.reshape(b, t, hkv, dh), v.reshape(b, t, hkv, dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = tables
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = kv.keys_layout(k), kv.values_layout(v)
         if layer_kv is not None:
             k = kv.write_keys(layer_kv[0], k, cursor)
             v = kv.write_values(layer_kv[1], v, cursor)
-        out = attend(q, k, v, allowed, self.dtype)
+        out = attend(q, k, v, allowed, self.dtype, scale=self.scale, logit_cap=self.logit_cap)
         return self.o_proj(out.reshape(b, t, h * dh)), (k, v)
 
 
@@ -80,7 +107,7 @@ class LlamaBody(nnx.Module):
 
 
 class LlamaForCausalLM(DecoderLM):
-    """Llama / Mistral / Qwen2 causal LM (transformers' ``*ForCausalLM`` layout)."""
+    """Llama / Mistral / Qwen2 / Qwen3 causal LM (transformers' ``*ForCausalLM`` layout)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
@@ -93,8 +120,8 @@ class LlamaForCausalLM(DecoderLM):
     def embed(self, input_ids, positions):
         return self.model.embed_tokens(input_ids)
 
-    def rope(self, positions):
-        return rope_tables(self.config, positions)
+    def rope(self, positions, layer_type):
+        return rope_tables(self.config, positions, layer_type)
 
     def blocks(self):
         return self.model.layers

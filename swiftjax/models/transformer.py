@@ -5,6 +5,14 @@ module owns what is the same for all of them: input checks, positions from the m
 the attention mask (padding, causality, sliding window, KV cache), Hugging Face's
 ``hidden_states`` convention, and sowing of intermediate states.
 
+Layer types. Each block is ``FULL`` or ``SLIDING`` (``ModelConfig.layer_type``); the
+forward builds one attention mask and one set of RoPE tables (the ``rope`` hook) per type
+that occurs, and gives every block those of its type. A model with one type (Llama,
+Mistral, ...) builds exactly one of each.
+
+Logits. ``unembed`` is the affine output projection; a final logit soft-cap
+(``final_logit_softcapping``, Gemma) is applied after it, in float32, by the forward.
+
 Sowing. ``taps=Taps(layers=(i, ...), apply_norm=...)`` makes the forward sow hidden
 state ``i`` (HF index: 0 = embedding output, i < L after block i, L = after the final
 norm) as a :class:`HiddenState`; with ``projections={i: W_i [D, K]}`` it sows the
@@ -88,10 +96,11 @@ class DecoderLM(nnx.Module):
         raise NotImplementedError
 
     def unembed(self, h):  # pragma: no cover - abstract
+        """The affine output projection [.., D] -> [.., V] (before any logit soft-capping)."""
         raise NotImplementedError
 
-    def rope(self, positions):
-        """Per-forward position tables passed to every block (None for learned positions)."""
+    def rope(self, positions, layer_type: str):
+        """Per-forward position tables for the blocks of ``layer_type`` (None for learned positions)."""
         return None
 
     # forward ----------------------------------------------------------------
@@ -140,10 +149,12 @@ class DecoderLM(nnx.Module):
                 f"input_ids: expected at most {cfg.max_position_embeddings} positions, got {t}"
             )
 
-        from swiftjax.models.layers import allowed_mask
+        from swiftjax.models.layers import allowed_mask, softcap
 
-        allowed = allowed_mask(key_valid, cursor, t, cfg.sliding_window)
-        tables = self.rope(positions)
+        # one (RoPE tables, mask) per distinct layer type (Gemma: sliding / full), shared by its blocks
+        layer_types = [cfg.layer_type(i) for i in range(cfg.num_layers)]
+        context = {lt: (self.rope(positions, lt), allowed_mask(key_valid, cursor, t, cfg.window(lt)))
+                   for lt in dict.fromkeys(layer_types)}
         taps = taps or Taps()
         wanted = set(taps.layers)
         n_states = cfg.num_layers + 1
@@ -171,6 +182,7 @@ class DecoderLM(nnx.Module):
         new_k, new_v = [], []
         for i, block in enumerate(self.blocks()):
             layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+            tables, allowed = context[layer_types[i]]
             h, (k_i, v_i) = block(h, tables, allowed, layer_kv, cursor)
             new_k.append(k_i)
             new_v.append(v_i)
@@ -182,6 +194,7 @@ class DecoderLM(nnx.Module):
         logits = None
         if compute_logits:
             logits = self.unembed(h[:, -1:] if last_only else h).astype(jnp.float32)
+            logits = softcap(logits, cfg.final_logit_softcapping)
         new_cache = None
         if cache is not None:
             new_cache = kv.KVCache(

@@ -60,7 +60,9 @@ CASES = {
     "llama3": ("llama", "llama-bpe", CHAT_SPECIALS["llama3"], LLAMA3, True),
     "qwen2": ("qwen2", "qwen2", CHAT_SPECIALS["qwen2"], CHATML, False),
     "llama": ("llama", "smollm", CHAT_SPECIALS["qwen2"], CHATML, False),
+    "qwen3": ("qwen3", "qwen2", CHAT_SPECIALS["qwen2"], CHATML, False),  # head_dim 16 != 48 / 4, q/k norms
 }
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def train_tokenizer(pre: str, specials, add_bos: bool):
@@ -127,7 +129,7 @@ def _gguf_name(hf: str) -> str:
     table = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
+             "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     mod, kind = rest.rsplit(".", 1)
     return f"blk.{i}.{table[mod]}.{kind}"
 
@@ -151,6 +153,9 @@ def write_gguf(path: Path, model, tok, case: str, qtype=Q.F32, *, arch_override:
     if garch == "llama":
         w.add_rope_dimension_count(hd)
         w.add_vocab_size(c.vocab_size)
+    if hd != c.hidden_size // c.num_attention_heads:  # llama.cpp writes an explicit head_dim
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     w.add_file_type(0 if qtype == Q.F32 else (1 if qtype == Q.F16 else 7))
     vocab = tok.get_vocab(with_added_tokens=True)
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
@@ -254,7 +259,7 @@ def tokenizers_():
 # ------------------------------------------------------------------ (a) synthetic round trips
 
 
-@pytest.mark.parametrize("case", ["llama3", "qwen2", "llama"])
+@pytest.mark.parametrize("case", ["llama3", "qwen2", "llama", "qwen3"])
 def test_f32_round_trip_gives_the_same_weights_logits_and_tokens(case, tokenizers_, tmp_path):
     tok = tokenizers_[case]
     model = hf_model(case, tok.get_vocab_size())
@@ -274,7 +279,7 @@ def test_f32_round_trip_gives_the_same_weights_logits_and_tokens(case, tokenizer
     # config
     cfg = json.loads((out / "config.json").read_text())
     c = model.config
-    assert cfg["architectures"] == [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[CASES[case][0]]]
+    assert cfg["architectures"] == [ARCHITECTURES[CASES[case][0]]]
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings"):
         assert cfg[key] == getattr(c, key), key
@@ -286,6 +291,8 @@ def test_f32_round_trip_gives_the_same_weights_logits_and_tokens(case, tokenizer
         np.testing.assert_allclose(got, ref, rtol=1e-6)
     if case == "llama":
         assert cfg["attention_bias"] is True
+    if case == "qwen3":
+        assert (cfg["head_dim"], cfg["attention_bias"]) == (16, False)
 
     # logits: swiftjax on the converted folder == the original HF model; transformers loads it too
     ids = _ids(vocab=c.vocab_size)

@@ -10,20 +10,34 @@ from flax import nnx
 
 import swiftjax
 from swiftjax.models.cache import init_cache
-from swiftjax.models.config import ModelConfig
+from swiftjax.models.config import FULL, SLIDING, ModelConfig
+from swiftjax.models.registry import create_model
 from swiftjax.models.transformer import HiddenState, LayerProjection, Taps
-from hf_tiny import ARCHS, tiny_hf_model
+from hf_tiny import ARCHS, WINDOWS, tiny_hf_config, tiny_hf_model
 
 TOL = 1e-4
 
 
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """arch -> (hf, model, cfg, dir), each built once per module."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            hf = tiny_hf_model(arch, seed=ARCHS.index(arch))
+            d = tmp_path_factory.mktemp(arch)
+            hf.save_pretrained(d)
+            model, cfg = swiftjax.load_model(d)
+            cache[arch] = (hf, model, cfg, d)
+        return cache[arch]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=ARCHS)
-def pair(request, tmp_path_factory):
-    hf = tiny_hf_model(request.param, seed=ARCHS.index(request.param))
-    d = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(d)
-    model, cfg = swiftjax.load_model(d)
-    return request.param, hf, model, cfg, d
+def pair(request, loaded):
+    return (request.param, *loaded(request.param))
 
 
 def _batch(seed=0, b=3, t=11, vocab=97, pads=(0, 3, 6)):
@@ -80,6 +94,90 @@ def test_sliding_window_matters_and_matches():
     b = m(ids).logits
     assert np.abs(np.asarray(a[:, 5:] - b[:, 5:])).max() > 1e-3
     np.testing.assert_allclose(np.asarray(a[:, :5]), np.asarray(b[:, :5]), atol=1e-6)
+
+
+def _variant(model, cfg, **changes):
+    """A model with ``cfg.replace(**changes)`` and ``model``'s weights (those it still has)."""
+    m = create_model(cfg.replace(**changes))
+    src = {p: v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    leaves = [(p, v.replace(src[p][...])) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))]
+    nnx.update(m, nnx.from_flat_state(leaves))
+    return m
+
+
+# Each option of the newer ports, switched off (or, for Gemma 3's attention soft-cap, which
+# transformers ignores, switched on), moves the logits away from transformers' by far more than
+# TOL: so the parity tests above check every one of them.
+OPTIONS = [
+    ("qwen3", dict(qk_norm=False)),
+    ("gemma2", dict(attn_logit_softcapping=None)),
+    ("gemma2", dict(final_logit_softcapping=None)),
+    ("gemma2", dict(query_pre_attn_scalar=None)),
+    ("gemma2", dict(layer_types=(FULL,) * 3)),  # no sliding window
+    ("gemma3", dict(rope_local_theta=None)),  # sliding blocks on the global RoPE
+    ("gemma3", dict(rope_type="default", rope_scaling=())),  # global RoPE unscaled
+    ("gemma3", dict(attn_logit_softcapping=0.5)),
+    ("gemma3", dict(final_logit_softcapping=None)),
+    ("gemma3", dict(layer_types=(SLIDING,) * 3)),  # the full block windowed too
+    ("phi3", dict(sliding_window=None)),
+    ("phi3", dict(rope_type="default", rope_scaling=())),  # no longrope factors / attention factor
+]
+
+
+@pytest.mark.parametrize("arch, changes", OPTIONS, ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_every_option_of_the_newer_ports_matters(loaded, arch, changes):
+    hf, model, cfg, _ = loaded(arch)
+    ids, mask = _batch(pads=(0, 3, 6))
+    t_logits, _ = _torch_forward(hf, ids, mask)
+    valid = mask.astype(bool)
+    same = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)).logits)[valid]
+    np.testing.assert_allclose(same, t_logits[valid], atol=TOL, rtol=0)
+    other = np.asarray(_variant(model, cfg, **changes)(jnp.asarray(ids), jnp.asarray(mask)).logits)[valid]
+    assert np.abs(other - t_logits[valid]).max() > 10 * TOL
+
+
+def test_windows_and_layer_types_of_the_fixtures():
+    """The parity tests run sequences longer than every window; Gemma alternates block types."""
+    for arch, w in WINDOWS.items():
+        cfg = ModelConfig.from_hf_dict(tiny_hf_config(arch).to_dict())
+        assert cfg.sliding_window == w < 11
+        kinds = [cfg.layer_type(i) for i in range(cfg.num_layers)]
+        assert kinds == ([SLIDING, FULL, SLIDING] if arch.startswith("gemma") else [SLIDING] * 3), arch
+    cfg = ModelConfig.from_hf_dict(tiny_hf_config("qwen3").to_dict())
+    assert (cfg.head_dim, cfg.qk_norm, cfg.qkv_bias) == (16, True, False)
+    assert cfg.head_dim * cfg.num_heads != cfg.hidden_size
+
+
+def test_phi3_longrope_switches_to_long_factors_like_transformers(tmp_path):
+    """original_max_position_embeddings 8: an 11-token forward uses the long factors, a 7-token
+    one the short ones (transformers decides per forward from the largest position)."""
+    import transformers
+    torch.manual_seed(1)
+    hcfg = transformers.Phi3Config.from_dict({**tiny_hf_config("phi3").to_dict(),
+                                              "original_max_position_embeddings": 8})
+    hf = transformers.AutoModelForCausalLM.from_config(hcfg, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.08) if p.ndim > 1 else p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    model, cfg = swiftjax.load_model(tmp_path)
+    assert cfg.rope_scaling_dict()["original_max_position_embeddings"] == 8
+    ids, mask = _batch(pads=(0, 3, 6))
+    logits = {}
+    for t in (11, 7):  # largest position 10 (> 8: long factors) and 6 (short ones)
+        t_logits, t_states = _torch_forward(hf, ids[:, :t], mask[:, :t])
+        out = model(jnp.asarray(ids[:, :t]), jnp.asarray(mask[:, :t]), output_hidden_states=True)
+        valid = mask[:, :t].astype(bool)
+        np.testing.assert_allclose(np.asarray(out.logits)[valid], t_logits[valid], atol=TOL, rtol=0)
+        for i, (ours, ref) in enumerate(zip(out.hidden_states, t_states)):
+            np.testing.assert_allclose(np.asarray(ours)[valid], ref[valid], atol=TOL, rtol=0, err_msg=f"state {i}")
+        logits[t] = np.asarray(out.logits)[:, :7][mask[:, :7].astype(bool)]
+    assert np.abs(logits[11] - logits[7]).max() > 10 * TOL  # same tokens and positions: the factor sets differ
+    # a cache long enough to cross the switch would mix the two: refused (shapes only, nothing runs)
+    run = lambda c: model(jnp.asarray(ids[:, :2]), cache=c).logits  # noqa: E731
+    jax.eval_shape(run, init_cache(cfg, 3, 8))
+    with pytest.raises(ValueError, match=r"cache: expected at most 8 slots \(original_max_position_embeddings\)"):
+        jax.eval_shape(run, init_cache(cfg, 3, 9))
 
 
 def test_kv_cache_decoding_equals_full_forward(pair):
