@@ -431,13 +431,15 @@ def fold_head(model, params, spec: FeatureSpec, layers):
 
     'hidden': ``W_l`` are the kernel's row blocks (:func:`swiftjax.methods.swift.head.split_kernel`).
     'logits': the unembedding ``logits = h_L U + z`` is affine, so ``logits W + b = h_L (U W) +
-    (z W + b)`` with h_L the final-normed state L (computed once, [D, V] @ [V, C])."""
+    (z W + b)`` with h_L the final-normed state L (computed once, [D, V] @ [V, C]). Soft-capped
+    logits (Gemma's ``final_logit_softcapping``) are not affine in h_L: None, like the top-k modes
+    (the logits are computed and projected)."""
     kernel, bias = params["kernel"], params["bias"]
     if spec.mode == "hidden":
         blocks = swift.split_kernel(params, model.config.hidden_size)
         return (Taps(layers=tuple(layers), apply_norm=spec.apply_norm), dict(zip(layers, blocks)),
                 bias.astype(jnp.float32))
-    if spec.mode == "logits":
+    if spec.mode == "logits" and getattr(model.config, "final_logit_softcapping", None) is None:
         d = model.config.hidden_size
         zero = model.unembed(jnp.zeros((1, 1, d), jnp.float32))[0, 0].astype(jnp.float32)  # [V]
         u = model.unembed(jnp.eye(d, dtype=jnp.float32)[None])[0].astype(jnp.float32) - zero[None]
@@ -456,8 +458,10 @@ def fused_projections(model, params, ids, attn, spec: FeatureSpec, layers, *, fo
     sow only [B, T, C] per layer (the head is folded into the forward); the top-k modes need
     the logits themselves and project their top-k features.
     """
-    if spec.mode in ("hidden", "logits"):
-        taps, projections, bias = folded if folded is not None else fold_head(model, params, spec, layers)
+    if folded is None:
+        folded = fold_head(model, params, spec, layers)
+    if folded is not None:
+        taps, projections, bias = folded
         out, inter = nnx.capture(model, LayerProjection)(
             ids, attn, cache=cache, taps=taps, projections=projections, compute_logits=compute_logits)
         flat = nnx.to_pure_dict(inter)

@@ -246,6 +246,26 @@ FUSED_CASES = [  # (spec, gated); every spec is also checked against transformer
                          else ("gated" if v else "ungated"))
 def test_fused_scores_equal_stored_feature_scores(pair, spec, gated):
     _, hf, model, cfg = pair
+    _check_fused_scores(hf, model, cfg, spec, gated)
+
+
+# the other ports (q/k norms, Gemma's sandwich norms and sliding/full blocks, Phi-3's fused weights)
+MORE_ARCHS = ("qwen3", "gemma2", "gemma3", "phi3")
+
+
+@pytest.mark.parametrize("arch", MORE_ARCHS)
+@pytest.mark.parametrize("spec, gated", [(F.FeatureSpec(layers=(0, 2, 3), apply_norm=True), True),
+                                         (F.FeatureSpec(mode="logits"), False)],
+                         ids=["hidden-subset-norm-gated", "logits-ungated"])
+def test_fused_scores_of_more_architectures(models, arch, spec, gated, request):
+    hf, model, cfg = models(arch)
+    if spec.mode == "logits" and cfg.final_logit_softcapping is not None:
+        # soft-capped logits (Gemma) are not affine in the last state: fold_head must not fold them
+        assert F.fold_head(model, _head(spec, cfg, gated), spec, ()) is None
+    _check_fused_scores(hf, model, cfg, spec, gated)
+
+
+def _check_fused_scores(hf, model, cfg, spec, gated):
     ids, attn, resp = _batch(seed=3)
     p = _head(spec, cfg, gated)
     fused = np.asarray(F.fused_scores(model, p, spec, ids, attn, resp))
@@ -335,7 +355,8 @@ def _prompts(seed=1, vocab=97):
 @pytest.mark.parametrize("arch, spec, gated", [
     ("llama", F.FeatureSpec(layers="all", apply_norm=True), True),
     ("gpt2", F.FeatureSpec(layers=(0, 2)), False),
-], ids=["llama-all-norm-gated", "gpt2-subset-ungated"])
+    ("gemma3", F.FeatureSpec(layers=(1, 3), apply_norm=True), True),  # sliding + full blocks, cached
+], ids=["llama-all-norm-gated", "gpt2-subset-ungated", "gemma3-subset-norm-gated"])
 def test_running_score_during_decoding(models, arch, spec, gated):
     _, model, cfg = models(arch)
     ids, mask = _prompts()
