@@ -42,7 +42,8 @@ __all__ = [
     "with_lora_dropout",
 ]
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "qkv_proj", "gate_up_proj")  # the last two: Phi-3's fused projections
 _INITS = ("kaiming", "gaussian")
 
 

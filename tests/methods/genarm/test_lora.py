@@ -21,6 +21,8 @@ GPT2 = ModelConfig(model_type="gpt2", vocab_size=53, hidden_size=32, num_layers=
                    mlp_bias=True, tie_word_embeddings=True, max_position_embeddings=64,
                    hidden_act="gelu_new", norm_eps=1e-5)
 GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
+PHI3 = ModelConfig(model_type="phi3", vocab_size=53, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=8, intermediate_size=48)  # fused qkv_proj / gate_up_proj
 
 
 def _ids(b=3, t=6, seed=0):
@@ -40,7 +42,8 @@ def _flat_params(model, filt=nnx.Param):
     return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, filt))}
 
 
-@pytest.mark.parametrize("cfg,targets", [(LLAMA, lora.DEFAULT_TARGETS), (GPT2, GPT2_TARGETS)])
+@pytest.mark.parametrize("cfg,targets", [(LLAMA, lora.DEFAULT_TARGETS), (GPT2, GPT2_TARGETS),
+                                         (PHI3, lora.DEFAULT_TARGETS)])
 def test_zero_b_is_identity_and_numpy_reference(cfg, targets):
     ids, mask = _ids()
     model = create_model(cfg, seed=0)
@@ -48,8 +51,8 @@ def test_zero_b_is_identity_and_numpy_reference(cfg, targets):
     y0 = np.asarray(model(ids, mask).logits)
     lora.apply_lora(model, rank=4, alpha=8.0, targets=targets, rngs=nnx.Rngs(5))
     n_adapted = len(lora.lora_modules(model))
-    # llama: 7 projections a layer; gpt2: c_attn, attn.c_proj, c_fc, mlp.c_proj
-    assert n_adapted == cfg.num_layers * (4 if cfg.is_gpt2 else 7)
+    # llama: 7 projections a layer; gpt2: c_attn, attn.c_proj, c_fc, mlp.c_proj; phi3: qkv, o, gate_up, down
+    assert n_adapted == cfg.num_layers * (7 if cfg.model_type == "llama" else 4)
     np.testing.assert_array_equal(np.asarray(model(ids, mask).logits), y0)
 
     # after "training": dense numpy weights W + (alpha/r) A B in the module's layout
