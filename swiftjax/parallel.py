@@ -91,6 +91,7 @@ def model_rules(fsdp: bool = True) -> M.ShardingRules:
             (r"(c_attn|c_fc)/weight(/value)?$", in_out),
             (r"c_proj/weight(/value)?$", out_in),
             (r"wte/weight(/value)?$", out_in),
+            (r"wpe/weight(/value)?$", ("seq", "embed")),  # learned positions: FSDP only
         ),
         fsdp_axis=None,
     )

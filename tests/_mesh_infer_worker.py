@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/: hf_tiny
 
 from swiftjax import parallel  # noqa: E402
 from swiftjax.methods.genarm.pipeline import make_arm_loss  # noqa: E402
@@ -153,8 +154,33 @@ def cache_specs():
             "key_valid": str(c.key_valid.sharding.spec)}
 
 
+def other_archs():
+    """Greedy tokens and fused scores of the other port families (sliding/full blocks, soft-caps,
+    q/k norms, fused qkv): {arch: {"one": ..., "4x2": ...}}."""
+    from hf_tiny import tiny_hf_config
+
+    out = {}
+    for arch in ("gemma3", "phi3"):
+        cfg = ModelConfig.from_hf_dict(tiny_hf_config(arch, vocab=96).to_dict())
+        ids, mask = prompts()
+        ids = ids % 96
+        spec = F.FeatureSpec(layers="all", mode="hidden")
+        head = init_params(jax.random.key(3), F.feature_dim(spec, cfg))
+        sids, sattn, sresp = scoring_rows()
+        res = {}
+        for name, mcfg in (("one", None), ("4x2", parallel.MeshConfig(data=4, model=2))):
+            with parallel.use_mesh(mcfg) as mesh:
+                m = parallel.shard_model(create_model(cfg, seed=1), mesh)
+                g = generate(m, ids, mask, cfg=SamplingConfig(max_new_tokens=N, temperature=0.0, eos_ids=(2,)))
+                res[name] = {"greedy": np.asarray(g.tokens).tolist(),
+                             "fused": np.asarray(F.fused_scores_batched(m, head, spec, sids % 96, sattn, sresp,
+                                                                        batch_size=8)).tolist()}
+        out[arch] = res
+    return out
+
+
 def main():
-    out = {"devices": len(jax.devices()), "one": run_all(fresh_model()), "meshes": {}}
+    out = {"devices": len(jax.devices()), "one": run_all(fresh_model()), "meshes": {}, "archs": other_archs()}
     for data, model_axis, fsdp in MESHES:
         with parallel.use_mesh(parallel.MeshConfig(data=data, model=model_axis, fsdp=fsdp)) as mesh:
             m = parallel.shard_model(fresh_model(), mesh)

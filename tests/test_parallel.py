@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hf_tiny import ARCHS, tiny_hf_config
+
 from swiftjax import parallel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +51,13 @@ def test_mesh_numbers_within_1e5_of_one_device(worker, mesh, what):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_other_port_families_on_a_mesh(worker, arch):
+    res = worker["archs"][arch]
+    assert res["4x2"]["greedy"] == res["one"]["greedy"]
+    np.testing.assert_allclose(res["4x2"]["fused"], res["one"]["fused"], atol=1e-5, rtol=0)
+
+
 def test_mesh_layouts_follow_the_rules(worker):
     fs, tp = worker["meshes"]["4x2"]["shardings"], worker["meshes"]["2x4-nofsdp"]["shardings"]
     q, o = "model/layers/0/self_attn/q_proj/weight/value", "model/layers/0/self_attn/o_proj/weight/value"
@@ -76,26 +85,29 @@ def test_mesh_config_checks_and_one_device_is_no_mesh():
         parallel.MeshConfig(data=2).build()
 
 
-def test_model_rules_name_every_large_weight_of_the_ports():
-    """Every 2-D weight of a Llama-family port matches a tensor-parallel rule (no silent replication)."""
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_rules_name_every_large_weight_of_the_ports(arch):
+    """Every 2-D weight of every port matches a tensor-parallel rule (no silent replication);
+    vectors (norms, biases) are replicated."""
     import jax
+    from flax import nnx
 
     from swiftjax.models.config import ModelConfig
     from swiftjax.models.registry import abstract_model
     from swiftjax.train.mesh import path_str
 
-    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
-                      num_kv_heads=2, head_dim=8, intermediate_size=64)
-    from flax import nnx
-
+    cfg = ModelConfig.from_hf_dict(tiny_hf_config(arch, vocab=96).to_dict())  # every dim divisible by 2
     _, state = nnx.split(abstract_model(cfg))
     mesh = jax.sharding.AbstractMesh((2, 2), ("data", "model"))
     specs = parallel.model_param_specs(state, mesh)
     flat = dict((path_str(p), s) for p, s in jax.tree_util.tree_flatten_with_path(
         specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
     shapes = dict((path_str(p), x.shape) for p, x in jax.tree_util.tree_flatten_with_path(state)[0])
+    assert any(len(s) == 2 for s in shapes.values())
     for path, shape in shapes.items():
-        if len(shape) == 2:
+        if path.startswith("transformer/wpe/"):  # GPT-2's position table: split over 'data' only
+            assert flat[path] == jax.sharding.PartitionSpec(None, "data")
+        elif len(shape) == 2:
             assert "model" in tuple(flat[path]), (path, flat[path])
         else:
             assert flat[path] == jax.sharding.PartitionSpec(), path
