@@ -21,9 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from swiftjax.models.config import ModelConfig
-from swiftjax.models.layers import Embedding, Linear, RMSNorm, rope_tables
-from swiftjax.models.llama import MLP, Attention
-from swiftjax.models.transformer import DecoderLM
+from swiftjax.models.layers import Embedding, Linear, RMSNorm
+from swiftjax.models.llama import MLP, Attention, LlamaForCausalLM
 
 
 class GemmaDecoderLayer(nnx.Module):
@@ -56,9 +55,10 @@ class GemmaBody(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype, unit_offset=True)
 
 
-class GemmaForCausalLM(DecoderLM):
+class GemmaForCausalLM(LlamaForCausalLM):
     """Gemma 2 / Gemma 3 text causal LM (transformers' ``Gemma2ForCausalLM`` /
-    ``Gemma3ForCausalLM`` layout; ``lm_head`` only when the embeddings are untied)."""
+    ``Gemma3ForCausalLM`` layout; ``lm_head`` only when the embeddings are untied). Its own
+    body and scaled embeddings; RoPE, blocks, final norm and unembedding as Llama's."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
@@ -75,17 +75,3 @@ class GemmaForCausalLM(DecoderLM):
     def embed(self, input_ids, positions):
         x = self.model.embed_tokens(input_ids)  # [B, T, D] in the compute dtype
         return x * jnp.asarray(self.embed_scale, x.dtype)
-
-    def rope(self, positions, layer_type):
-        return rope_tables(self.config, positions, layer_type)
-
-    def blocks(self):
-        return self.model.layers
-
-    def final_norm(self, h):
-        return self.model.norm(h)
-
-    def unembed(self, h):
-        if self.lm_head is None:
-            return self.model.embed_tokens.attend(h)
-        return self.lm_head(h)
