@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from swiftjax.models.config import ModelConfig
-from swiftjax.models.layers import Embedding, Linear, RMSNorm
-from swiftjax.models.llama import MLP, Attention, LlamaForCausalLM
+from swiftjax.models.layers import RMSNorm
+from swiftjax.models.llama import MLP, Attention, LlamaBody, LlamaForCausalLM
 
 
 class GemmaDecoderLayer(nnx.Module):
@@ -46,13 +46,8 @@ class GemmaDecoderLayer(nnx.Module):
         return h, new_kv
 
 
-class GemmaBody(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype,
-                                      param_dtype=param_dtype)
-        self.layers = nnx.List([GemmaDecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                                for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype, unit_offset=True)
+class GemmaBody(LlamaBody):
+    layer_cls = GemmaDecoderLayer  # its final norm is (1 + w) through cfg.norm_unit_offset
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
@@ -60,16 +55,14 @@ class GemmaForCausalLM(LlamaForCausalLM):
     ``Gemma3ForCausalLM`` layout; ``lm_head`` only when the embeddings are untied). Its own
     body and scaled embeddings; RoPE, blocks, final norm and unembedding as Llama's."""
 
+    body_cls = GemmaBody
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
         if not (cfg.norm_unit_offset and cfg.scale_embeddings):
             raise ValueError(f"{cfg.model_type}: expected a Gemma config (norm_unit_offset and "
                              "scale_embeddings set, as ModelConfig.from_hf_dict makes them)")
-        self.config = cfg
-        self.model = GemmaBody(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, bias=False, rngs=rngs, dtype=dtype,
-            param_dtype=param_dtype)
+        super().__init__(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.embed_scale = math.sqrt(cfg.hidden_size)
 
     def embed(self, input_ids, positions):

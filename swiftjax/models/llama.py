@@ -83,12 +83,15 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    attention_cls = Attention  # subclasses swap the attention / MLP modules (Phi-3's fused ones)
+    mlp_cls = MLP
+
     def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
-        self.self_attn = Attention(cfg, **kw)
+        self.self_attn = self.attention_cls(cfg, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
-        self.mlp = MLP(cfg, **kw)
+        self.mlp = self.mlp_cls(cfg, **kw)
 
     def __call__(self, h, tables, allowed, layer_kv, cursor):
         a, new_kv = self.self_attn(self.input_layernorm(h), tables, allowed, layer_kv, cursor)
@@ -98,21 +101,26 @@ class DecoderLayer(nnx.Module):
 
 
 class LlamaBody(nnx.Module):
+    layer_cls = DecoderLayer  # subclasses swap the block (Phi-3, Gemma)
+
     def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype,
                                       param_dtype=param_dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.layers = nnx.List([self.layer_cls(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
                                 for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype,
+                            unit_offset=cfg.norm_unit_offset)
 
 
 class LlamaForCausalLM(DecoderLM):
     """Llama / Mistral / Qwen2 / Qwen3 causal LM (transformers' ``*ForCausalLM`` layout)."""
 
+    body_cls = LlamaBody  # subclasses swap the body (Phi-3, Gemma)
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
         self.config = cfg
-        self.model = LlamaBody(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.model = self.body_cls(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False, rngs=rngs, dtype=dtype,
             param_dtype=param_dtype)

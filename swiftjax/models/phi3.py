@@ -19,8 +19,8 @@ from flax import nnx
 
 from swiftjax.models import cache as kv
 from swiftjax.models.config import ModelConfig
-from swiftjax.models.layers import Embedding, Linear, RMSNorm, activation
-from swiftjax.models.llama import Attention, LlamaForCausalLM
+from swiftjax.models.layers import Linear, activation
+from swiftjax.models.llama import Attention, DecoderLayer, LlamaBody, LlamaForCausalLM
 
 
 class Phi3Attention(Attention):
@@ -49,40 +49,19 @@ class Phi3MLP(nnx.Module):
         return self.down_proj(self.act(gate) * up)
 
 
-class Phi3DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
-        self.self_attn = Phi3Attention(cfg, **kw)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
-        self.mlp = Phi3MLP(cfg, **kw)
-
-    def __call__(self, h, tables, allowed, layer_kv, cursor):
-        a, new_kv = self.self_attn(self.input_layernorm(h), tables, allowed, layer_kv, cursor)
-        h = h + a
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, new_kv
+class Phi3DecoderLayer(DecoderLayer):
+    attention_cls = Phi3Attention
+    mlp_cls = Phi3MLP
 
 
-class Phi3Body(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype,
-                                      param_dtype=param_dtype)
-        self.layers = nnx.List([Phi3DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                                for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, param_dtype=param_dtype)
+class Phi3Body(LlamaBody):
+    layer_cls = Phi3DecoderLayer
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     """Phi-3 causal LM (transformers' ``Phi3ForCausalLM`` layout); embed / rope / unembed as Llama's."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
-        self.config = cfg
-        self.model = Phi3Body(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, bias=False, rngs=rngs, dtype=dtype,
-            param_dtype=param_dtype)
+    body_cls = Phi3Body
 
     def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False, *,
                  cache: kv.KVCache | None = None, **kw):
