@@ -132,6 +132,48 @@ def test_top_p_over_a_large_vocabulary_matches_numpy(scale):
     np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
 
 
+@pytest.mark.parametrize("case", ["flat", "ties", "masked", "one_token", "mixed"])
+def test_nucleus_search_equals_the_sorted_definition(case):
+    """The sort-free search (the flat-distribution branch) on every row kind, against numpy's
+    stable sort: ties at the cut, -inf tokens (after top-k), a token holding top_p alone."""
+    from swiftjax.sampling import _nucleus_by_search
+
+    rs = np.random.RandomState(len(case))
+    logits = (rs.randn(7, 300) * 0.3).astype(np.float32)
+    if case == "ties":
+        logits = np.round(logits * 4) / 4  # many equal values, so the cut falls inside a tie
+    if case == "masked":
+        logits[:, ::3] = -np.inf
+    if case == "one_token":
+        logits[:, 5] = 20.0
+    if case == "mixed":
+        logits[::2] *= 30.0
+    for top_p in (0.3, 0.9, 0.999):
+        x = jnp.asarray(logits)
+        lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
+        ours = np.asarray(_nucleus_by_search(x, lse, top_p))
+        ref = np.isfinite(_np_filter(logits, 1.0, 0, top_p))
+        np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("scale,top_k,head", [(2.0, 0, True), (0.05, 0, False), (2.0, 50, True), (0.5, 0, False)])
+def test_top_p_draws_equal_categorical_of_the_filtered_logits(scale, top_k, head):
+    """The head-only arg-max (and the search branch) draws exactly what
+    ``jax.random.categorical(key, filter_logits(...))`` draws, key by key."""
+    from swiftjax.sampling import TOP_P_HEAD, sample_token
+
+    rs = np.random.RandomState(int(scale * 10) + top_k)
+    logits = jnp.asarray((rs.randn(5, 3 * TOP_P_HEAD + 7) * scale).astype(np.float32))
+    cfg = SamplingConfig(temperature=0.7, top_p=0.9, top_k=top_k)
+    keys = jax.random.split(jax.random.key(0), 64)
+    ours = jax.vmap(lambda k: sample_token(k, logits, cfg))(keys)
+    ref = jax.vmap(lambda k: jax.random.categorical(k, filter_logits(logits, cfg), axis=-1))(keys)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    assert (np.asarray(ours) != np.asarray(ours)[:1]).any(axis=0).all()  # every row's draws vary
+    kept = np.isfinite(np.asarray(filter_logits(logits, cfg))).sum(-1)
+    assert (kept <= TOP_P_HEAD).all() == head  # the head branch, or the search branch, is taken
+
+
 def test_shared_prompt_prefill_gives_the_same_samples(tmp_path):
     hf = tiny_hf_model("llama", seed=5)
     hf.save_pretrained(tmp_path)
