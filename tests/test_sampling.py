@@ -148,15 +148,14 @@ def test_nucleus_search_equals_the_sorted_definition(case):
         logits[:, 5] = 20.0
     if case == "mixed":
         logits[::2] *= 30.0
+    search = jax.jit(lambda x, top_p: _nucleus_by_search(x, jax.nn.logsumexp(x, axis=-1, keepdims=True), top_p))
     for top_p in (0.3, 0.9, 0.999):
-        x = jnp.asarray(logits)
-        lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
-        ours = np.asarray(_nucleus_by_search(x, lse, top_p))
+        ours = np.asarray(search(jnp.asarray(logits), top_p))
         ref = np.isfinite(_np_filter(logits, 1.0, 0, top_p))
         np.testing.assert_array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("scale,top_k,head", [(2.0, 0, True), (0.05, 0, False), (2.0, 50, True), (0.5, 0, False)])
+@pytest.mark.parametrize("scale,top_k,head", [(2.0, 0, True), (0.05, 0, False), (2.0, 50, True)])
 def test_top_p_draws_equal_categorical_of_the_filtered_logits(scale, top_k, head):
     """The head-only arg-max (and the search branch) draws exactly what
     ``jax.random.categorical(key, filter_logits(...))`` draws, key by key."""
