@@ -243,11 +243,13 @@ def bench_forward(name, path, lim, batch: int, seq: int) -> list[dict]:
 
 def load_peak(path: Path) -> dict:
     """Peak resident memory that ``load_model`` adds, in a fresh process, against the checkpoint
-    size (the process's peak after loading minus its resident size after importing jax)."""
-    code = ("import resource, re, sys, jax, jax.numpy as jnp, swiftjax; jnp.zeros(1).block_until_ready(); "
-            "base = int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
-            "swiftjax.load_model(sys.argv[1]); "
-            "print('PEAK', base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    size: the process's peak (``VmHWM``) after loading minus its resident size after importing
+    jax. ``VmHWM`` belongs to the process's own address space; ``ru_maxrss`` is not used: Linux
+    carries it over from the parent at fork, so a child of this (large) process would report
+    the parent's size."""
+    code = ("import re, sys, jax, jax.numpy as jnp, swiftjax; jnp.zeros(1).block_until_ready(); "
+            "kb = lambda f: int(re.search(f + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+            "base = kb('VmRSS'); swiftjax.load_model(sys.argv[1]); print('PEAK', base, kb('VmHWM'))")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     line = next(l for l in out.stdout.splitlines() if l.startswith("PEAK "))
     base, peak = (int(x) * 1024 for x in line.split()[1:])
