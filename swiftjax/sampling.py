@@ -90,13 +90,27 @@ def filter_logits(logits, cfg: SamplingConfig):
 TOP_P_HEAD = 128  # candidates the nucleus is first looked for in (exact either way: see _top_p_filter)
 
 
+def _head_keep(vals, lse, top_p):
+    """Keep mask [B, k] over row-sorted values ``vals``: the mass strictly above each token is
+    below ``top_p`` (always keeps the most likely token)."""
+    probs = jnp.exp(vals - lse)
+    return jnp.cumsum(probs, axis=-1) - probs < top_p
+
+
 def _nucleus(logits, lse, vals, idx, top_p):
     """Keep mask of the nucleus, given the row-sorted head ``vals``/``idx`` [B, k] of ``logits``."""
-    probs = jnp.exp(vals - lse)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-    keep_sorted = before < top_p                 # always keeps the most likely token
     rows = jnp.arange(logits.shape[0])[:, None]
-    return jnp.zeros(logits.shape, bool).at[rows, idx].set(keep_sorted)
+    return jnp.zeros(logits.shape, bool).at[rows, idx].set(_head_keep(vals, lse, top_p))
+
+
+def _head(logits, top_p):
+    """``(lse [B, 1], vals [B, k], idx [B, k], covered [])``: each row's log-normaliser, its
+    ``TOP_P_HEAD`` most likely tokens (sorted) and whether they hold ``top_p`` of every row's
+    mass (then no token outside them is in the nucleus)."""
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    vals, idx = jax.lax.top_k(logits, TOP_P_HEAD)
+    covered = jnp.all(jnp.sum(jnp.exp(vals - lse), axis=-1) >= top_p)
+    return lse, vals, idx, covered
 
 
 def _order_keys(x):
@@ -141,15 +155,12 @@ def _top_p_filter(logits, top_p: float):
     exactly; otherwise (some row's distribution is flat) :func:`_nucleus_by_search` finds the
     cut by bisection. Both compute the same set up to float rounding of the cumulative mass.
     """
-    v = logits.shape[-1]
-    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    k = min(TOP_P_HEAD, v)
-    if k == v:
+    if logits.shape[-1] <= TOP_P_HEAD:  # a small vocabulary: sort it
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
         order = jnp.argsort(-logits, axis=-1)
         keep = _nucleus(logits, lse, jnp.take_along_axis(logits, order, axis=-1), order, top_p)
     else:
-        vals, idx = jax.lax.top_k(logits, k)
-        covered = jnp.all(jnp.sum(jnp.exp(vals - lse), axis=-1) >= top_p)
+        lse, vals, idx, covered = _head(logits, top_p)
         keep = jax.lax.cond(covered, lambda: _nucleus(logits, lse, vals, idx, top_p),
                             lambda: _nucleus_by_search(logits, lse, top_p))
     return jnp.where(keep, logits, -jnp.inf)
@@ -165,19 +176,14 @@ def sample_token(key, logits, cfg: SamplingConfig):
     """
     if cfg.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    v = logits.shape[-1]
-    k = min(TOP_P_HEAD, v)
-    if cfg.top_p >= 1.0 or k == v:
+    if cfg.top_p >= 1.0 or logits.shape[-1] <= TOP_P_HEAD:
         return jax.random.categorical(key, filter_logits(logits, cfg), axis=-1).astype(jnp.int32)
     x = _temper_top_k(logits, cfg)
     noise = jax.random.gumbel(key, x.shape, x.dtype)  # what categorical adds
-    lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
-    vals, idx = jax.lax.top_k(x, k)
-    covered = jnp.all(jnp.sum(jnp.exp(vals - lse), axis=-1) >= cfg.top_p)
+    lse, vals, idx, covered = _head(x, cfg.top_p)
 
     def in_head():
-        probs = jnp.exp(vals - lse)
-        keep = jnp.cumsum(probs, axis=-1) - probs < cfg.top_p
+        keep = _head_keep(vals, lse, cfg.top_p)
         j = jnp.argmax(jnp.where(keep, vals, -jnp.inf) + jnp.take_along_axis(noise, idx, axis=-1), axis=-1)
         return jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0]
 
