@@ -170,16 +170,33 @@ def sample_token(key, logits, cfg: SamplingConfig):
     """Next ids [B] from logits [B, V]: arg-max when temperature is 0, else a draw.
 
     A draw is ``jax.random.categorical`` of the filtered logits: the arg-max of logits plus
-    Gumbel noise. With top-p over a large vocabulary the arg-max is taken over the
-    ``TOP_P_HEAD`` head only whenever the nucleus lies in it (the same noise at the same
-    tokens, so the same draw), sparing an arg-max over [B, V] each step.
+    Gumbel noise (see :func:`draw_with_noise`).
     """
     if cfg.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return draw_with_noise(logits, jax.random.gumbel(key, logits.shape, jnp.float32), cfg)
+
+
+def sample_token_rows(keys, logits, cfg: SamplingConfig):
+    """Like :func:`sample_token`, but row ``b`` draws with its own key ``keys[b]`` (the noise
+    a single-row ``sample_token(keys[b], logits[b:b+1])`` would add): a row's draw does not
+    depend on the rows beside it."""
+    if cfg.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], jnp.float32))(keys)
+    return draw_with_noise(logits, noise, cfg)
+
+
+def draw_with_noise(logits, noise, cfg: SamplingConfig):
+    """Ids [B]: the arg-max of the filtered logits plus Gumbel ``noise`` [B, V].
+
+    With top-p over a large vocabulary the arg-max is taken over the ``TOP_P_HEAD`` head only
+    whenever the nucleus lies in it (the same noise at the same tokens, so the same draw),
+    sparing an arg-max over [B, V] each step.
+    """
     if cfg.top_p >= 1.0 or logits.shape[-1] <= TOP_P_HEAD:
-        return jax.random.categorical(key, filter_logits(logits, cfg), axis=-1).astype(jnp.int32)
+        return jnp.argmax(filter_logits(logits, cfg) + noise, axis=-1).astype(jnp.int32)
     x = _temper_top_k(logits, cfg)
-    noise = jax.random.gumbel(key, x.shape, x.dtype)  # what categorical adds
     lse, vals, idx, covered = _head(x, cfg.top_p)
 
     def in_head():
@@ -212,6 +229,8 @@ class SamplerState:
     topk: jax.Array       # [B, N, k] top-k log-probs of each step's distribution (k = cfg.record_topk, may be 0)
     mean_lp: jax.Array    # [B, N] mean log-prob over the vocabulary of each step's distribution
     aux: Any              # the decoder's own carry: KV caches, running scores, ...
+    row_keys: jax.Array | None = None  # [B] keys: row b draws its token t with fold_in(row_keys[b], t)
+    #                                   (continuous batching); None: one split of ``key`` per step
 
 
 class Decoder:
@@ -223,7 +242,8 @@ class Decoder:
     * ``setup(models, args) -> ctx``: once per call, outside the loop (e.g. fold a head);
     * ``prefill(models, ctx, prompts, cfg) -> (aux, logits [B, V])``;
     * ``choose(models, ctx, key, state, cfg) -> (tok [B] int32, logprob [B] float32)``:
-      default: :func:`sample_token` and the log-softmax of ``state.logits`` at that token;
+      default: :func:`sample_token` (or :func:`sample_token_rows` when ``key`` holds one key
+      per row) and the log-softmax of ``state.logits`` at that token;
     * ``advance(models, ctx, aux, tok [B], live [B] bool, step) -> (aux, logits [B, V])``:
       ``live`` marks rows whose token is part of the response (the end token included);
     * ``stop(ctx, aux, step, done) -> [B] bool | None``: rows to end after this step's token
@@ -238,7 +258,7 @@ class Decoder:
         raise NotImplementedError
 
     def choose(self, models, ctx, key, state: SamplerState, cfg: SamplingConfig):
-        tok = sample_token(key, state.logits, cfg)
+        tok = (sample_token_rows if key.ndim else sample_token)(key, state.logits, cfg)
         lp = jnp.take_along_axis(jax.nn.log_softmax(state.logits.astype(jnp.float32), -1), tok[:, None], -1)[:, 0]
         return tok, lp
 
@@ -299,6 +319,50 @@ def _repeat_rows(tree, groups: int):
     return jax.tree.map(lambda x: jnp.repeat(x, groups, axis=0) if x.ndim else x, tree)
 
 
+def decode_loop(models, ctx, decoder: Decoder, s: SamplerState, cfg: SamplingConfig, steps) -> SamplerState:
+    """The decoding loop (traced; one ``lax.while_loop``): up to ``steps`` more tokens a row,
+    stopping once every row is done. Row b writes its token t (t = ``s.length[b]``) to column
+    t; a row ends at an end token, at ``cfg.max_new_tokens`` tokens or when the decoder stops
+    it; ``s.step`` counts the loop's steps."""
+    b, n = s.tokens.shape
+    rows = jnp.arange(b)
+    eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+
+    def cond(s: SamplerState):
+        return (s.step < steps) & ~jnp.all(s.done)
+
+    def body(s: SamplerState):
+        if s.row_keys is None:
+            key, sub = jax.random.split(s.key)
+        else:
+            key, sub = s.key, jax.vmap(jax.random.fold_in)(s.row_keys, s.length)
+        tok, lp = decoder.choose(models, ctx, sub, s, cfg)
+        live = ~s.done
+        col = jnp.minimum(s.length, n - 1)   # a live row's next column; finished rows write nothing
+        tok = jnp.where(s.done, cfg.pad_id, tok).astype(jnp.int32)
+        lp = jnp.where(s.done, 0.0, lp).astype(jnp.float32)
+
+        def put(buf, new):
+            return buf.at[rows, col].set(jnp.where(live.reshape((b,) + (1,) * (new.ndim - 1)), new, buf[rows, col]))
+
+        ended = jnp.any(tok[:, None] == eos[None, :], axis=-1) | (s.length + 1 >= n)
+        done = s.done | (live & ended)
+        topk, mean_lp = s.topk, s.mean_lp
+        if cfg.record_topk:  # the distribution this step's token came from (T = 1)
+            lp_all = jax.nn.log_softmax(s.logits.astype(jnp.float32), -1)
+            topk = put(topk, jax.lax.top_k(lp_all, cfg.record_topk)[0])
+            mean_lp = put(mean_lp, lp_all.mean(-1))
+        aux, logits = decoder.advance(models, ctx, s.aux, tok, live, s.step)
+        stop = decoder.stop(ctx, aux, s.step, done)
+        if stop is not None:
+            done = done | stop
+        return dataclasses.replace(s, step=s.step + 1, key=key, logits=logits, tokens=put(s.tokens, tok),
+                                   logprobs=put(s.logprobs, lp), done=done, length=s.length + live.astype(jnp.int32),
+                                   topk=topk, mean_lp=mean_lp, aux=aux)
+
+    return jax.lax.while_loop(cond, body, s)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdefs", "decoder", "cfg", "prompt_groups"))
 def _sample(states, args, prompts, key, *, graphdefs, decoder, cfg, prompt_groups=1):
     def models():
@@ -313,37 +377,12 @@ def _sample(states, args, prompts, key, *, graphdefs, decoder, cfg, prompt_group
     else:
         aux, logits = decoder.prefill(models, ctx, prompts, cfg)
     b, n = logits.shape[0], cfg.max_new_tokens
-    eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
-
-    def cond(s: SamplerState):
-        return (s.step < n) & ~jnp.all(s.done)
-
-    def body(s: SamplerState):
-        key, sub = jax.random.split(s.key)
-        tok, lp = decoder.choose(models, ctx, sub, s, cfg)
-        live = ~s.done
-        tok = jnp.where(s.done, cfg.pad_id, tok).astype(jnp.int32)
-        lp = jnp.where(s.done, 0.0, lp).astype(jnp.float32)
-        done = s.done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
-        topk, mean_lp = s.topk, s.mean_lp
-        if cfg.record_topk:  # the distribution this step's token came from (T = 1)
-            lp_all = jax.nn.log_softmax(s.logits.astype(jnp.float32), -1)
-            top = jax.lax.top_k(lp_all, cfg.record_topk)[0]
-            topk = topk.at[:, s.step].set(jnp.where(live[:, None], top, 0.0))
-            mean_lp = mean_lp.at[:, s.step].set(jnp.where(live, lp_all.mean(-1), 0.0))
-        aux, logits = decoder.advance(models, ctx, s.aux, tok, live, s.step)
-        stop = decoder.stop(ctx, aux, s.step, done)
-        if stop is not None:
-            done = done | stop
-        return SamplerState(step=s.step + 1, key=key, logits=logits, tokens=s.tokens.at[:, s.step].set(tok),
-                            logprobs=s.logprobs.at[:, s.step].set(lp), done=done,
-                            length=s.length + live.astype(jnp.int32), topk=topk, mean_lp=mean_lp, aux=aux)
-
     init = SamplerState(step=jnp.zeros((), jnp.int32), key=key, logits=logits,
                         tokens=jnp.full((b, n), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((b, n), jnp.float32),
                         done=jnp.zeros((b,), bool), length=jnp.zeros((b,), jnp.int32), topk=jnp.zeros((b, n, cfg.record_topk), jnp.float32),
                         mean_lp=jnp.zeros((b, n if cfg.record_topk else 0), jnp.float32), aux=aux)
-    s = jax.lax.while_loop(cond, body, init)
+    s = decode_loop(models, ctx, decoder, init, cfg, n)
+    eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
     out = GenerateOutput(tokens=s.tokens, logprobs=s.logprobs, lengths=s.length,
                          finished=s.done & _has_end(s.tokens, s.length, eos), topk_logprobs=s.topk if cfg.record_topk else None,
                          mean_logprob=s.mean_lp if cfg.record_topk else None)

@@ -27,7 +27,7 @@ def test_methods_and_shared_code_never_import_the_world():
 
 
 def test_one_decoding_loop():
-    """Every sampler runs swiftjax.sampling.run_sampler; the only other while_loop is EBRM's
+    """Every sampler runs swiftjax.sampling.decode_loop (run_sampler, stream); the only other while_loop is EBRM's
     gradient refinement of a reward (no tokens)."""
     loops = [(str(f.relative_to(PKG)), n) for f in _files(".") for n in [_code(f).count("while_loop(")] if n]
     assert sorted(loops) == [("methods/ebrm/energy.py", 1), ("sampling.py", 1)]
