@@ -4,16 +4,23 @@
 
 Every candidate set is named by the digest of everything it depends on (the backbone's
 weights, tokenizer and template; the task, its files and wording; the problems; N, the seed,
-the sampling settings and the batch layout). Rows are decoded in fixed
-[batch_size, prompt_len] batches; batch ``b`` draws from ``fold_in(key(seed + split offset), b)``
-and is written atomically as one shard (``<name>.shards/NNNNN.jsonl``). A killed run
-restarts at the first missing shard, and the finished set is identical to an uninterrupted
-run's. Samples depend on the batch layout (which rows share a batch's key): ``batch_size``
-and ``prompt_len`` are part of the name, so changing them samples a new set. A batch's runs
-of identical prompts (the N samples of a problem) are prefilled once and their cache
-broadcast (key format 4; sets of format 3 prefilled every row and are not reused). Rows carry
-the sampler's confidence scores and each token's confidence (format 5), so confidence-pruned
-sampling can be replayed offline.
+the sampling settings and the batch layout). Shard ``b`` holds rows
+``[b * batch_size, (b + 1) * batch_size)`` and is written atomically
+(``<name>.shards/NNNNN.jsonl``) once all its rows are sampled; a killed run restarts at the
+missing shards. Rows carry the sampler's confidence scores and each token's confidence
+(format 5), so confidence-pruned sampling can be replayed offline. Two ways to decode:
+
+* lock-step (``refill_every: null``, format 5): batch ``b`` is one fixed
+  [batch_size, prompt_len] batch decoded until its longest row ends, drawing from
+  ``fold_in(key(seed + split offset), b)``; its runs of identical prompts (the N samples of a
+  problem) are prefilled once. Samples depend on which rows share a batch's key, so
+  ``batch_size`` and ``prompt_len`` are part of the name; a resumed set is identical to an
+  uninterrupted run's.
+* continuous (``refill_every: k``, format 6, :mod:`swiftjax.stream`): ``batch_size`` slots,
+  refilled with the next rows every k tokens, so no slot idles while a batch's longest row
+  finishes. Row ``r`` draws from ``fold_in(key(seed + split offset), r)``: its sample does not
+  depend on the rows beside it, and a resumed set equals an uninterrupted run's up to the float
+  rounding of the batched arithmetic (the rows in flight at the kill ran beside other rows).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from swiftjax._io import atomic_file
@@ -34,7 +42,8 @@ from swiftjax.backbone import Backbone
 from swiftjax.batching import padded_batches, take
 from swiftjax.config import to_plain
 from swiftjax.data import candidates as cands
-from swiftjax.sampling import SamplingConfig, generate
+from swiftjax.sampling import GenerateOutput, SamplingConfig, generate
+from swiftjax.stream import stream_generate
 from swiftjax.selection import sampler_confidences, token_confidence
 from swiftjax.tasks import Task
 
@@ -47,7 +56,11 @@ _SPLIT_OFFSET = {"test": 0, "train": 1}
 @dataclasses.dataclass(frozen=True)
 class SamplingSection:
     """How candidates are drawn. ``prompt_len``: the fixed prompt width (null: the split's
-    longest prompt rounded up to a multiple of 16). ``batch_size``: rows per decoded batch."""
+    longest prompt rounded up to a multiple of 16). ``batch_size``: rows decoded at once (and
+    rows per shard). ``refill_every``: null decodes lock-step batches (each until its longest
+    row ends); k > 0 decodes continuously (:mod:`swiftjax.stream`): ``batch_size`` slots, every
+    k tokens the finished rows leave and the next rows take their slots, each row drawing
+    from its own key."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -58,6 +71,7 @@ class SamplingSection:
     confidence_topk: int = 20     # > 0: rows carry the sampler's confidence scores (top-k of each step)
     confidence_window: int = 32   # DeepConf's lowest-group window, in tokens
     confidence_tail: int = 32     # DeepConf's tail, in tokens
+    refill_every: int | None = None  # continuous batching: batch_size slots, finished ones refilled every k tokens
 
     def __post_init__(self):
         SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
@@ -68,6 +82,8 @@ class SamplingSection:
             raise ValueError(f"prompt_len: expected a positive int or null, got {self.prompt_len}")
         if self.confidence_topk < 0:
             raise ValueError(f"confidence_topk: expected an int >= 0, got {self.confidence_topk}")
+        if self.refill_every is not None and (isinstance(self.refill_every, bool) or self.refill_every < 1):
+            raise ValueError(f"refill_every: expected a positive int or null, got {self.refill_every}")
         if self.confidence_window < 1 or self.confidence_tail < 1:
             raise ValueError(f"confidence_window, confidence_tail: expected positive ints, got "
                              f"{self.confidence_window} and {self.confidence_tail}")
@@ -151,12 +167,16 @@ def _shard_rows(backbone, task, problems, n, tokens, start, scores=None, token_c
     return rows
 
 
-def _confidences(backbone, out, keep, sampling: SamplingSection) -> dict | None:
-    """The sampler's confidence scores of the kept rows (selection.sampler_confidences)."""
+def _rows_of(out: GenerateOutput, sel) -> GenerateOutput:
+    """The rows ``sel`` (a mask or indices) of a sampler output, as NumPy arrays."""
+    return jax.tree.map(lambda a: np.asarray(a)[sel], out)
+
+
+def _confidences(backbone, out: GenerateOutput, sampling: SamplingSection) -> dict | None:
+    """The sampler's confidence scores of the rows of ``out`` (selection.sampler_confidences)."""
     if not sampling.confidence_topk:
         return None
-    return sampler_confidences(np.asarray(out.logprobs)[keep], np.asarray(out.mean_logprob)[keep],
-                               np.asarray(out.topk_logprobs)[keep], np.asarray(out.lengths)[keep],
+    return sampler_confidences(out.logprobs, out.mean_logprob, out.topk_logprobs, out.lengths,
                                int(backbone.config.vocab_size), window=sampling.confidence_window,
                                tail=sampling.confidence_tail)
 
@@ -214,9 +234,12 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
     messages = [task.user_message(p) for p in problems]
     width = prompt_width(backbone, messages, prompt_len=sampling.prompt_len,
                          max_new_tokens=sampling.max_new_tokens)
-    key = {"format": 5, "model": backbone.digest, "task": task.describe(), "split": split,
-           "problems": digest([(p.id, m, p.gold) for p, m in zip(problems, messages)]), "n": n, "seed": seed,
-           "sampling": to_plain(sampling), "prompt_len": width,
+    plain = to_plain(sampling)
+    if sampling.refill_every is None:  # lock-step sets keep the names they had before continuous batching
+        del plain["refill_every"]
+    key = {"format": 5 if sampling.refill_every is None else 6, "model": backbone.digest, "task": task.describe(),
+           "split": split, "problems": digest([(p.id, m, p.gold) for p, m in zip(problems, messages)]), "n": n,
+           "seed": seed, "sampling": plain, "prompt_len": width,
            "eos_ids": list(backbone.eos_ids), "pad_id": backbone.pad_id}
     out_dir = Path(out_dir)
     name = f"candidates_{split}_{digest(key)}"
@@ -238,8 +261,7 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
     by_batch: dict[int, list[dict]] = {}
     others: dict[int, tuple[Path, int, int]] = {}  # batches other hosts sample: shard, rows, first row
     t0, done_before = time.time(), 0
-    ids = mask = None
-    groups = math.gcd(n, bs)  # a batch's rows come in runs of identical prompts: prefill each run once
+    mine: list[tuple[int, np.ndarray, Path]] = []   # batches this host samples: (b, row indices, shard)
     for b, idx in enumerate(padded_batches(total, bs)):
         keep = idx >= 0
         s = int(idx[0])
@@ -248,26 +270,51 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
         if got is not None:
             by_batch[b] = got
             done_before += 1
-            continue
-        if b % n_hosts != host:
+        elif b % n_hosts != host:
             others[b] = (shard, int(keep.sum()), s)
-            continue
-        if ids is None:
-            ids, mask = backbone.encode_prompts([m for m in messages for _ in range(n)], width)
-        out = generate(backbone.model, take(ids, idx), take(mask, idx), key=jax.random.fold_in(base, b), cfg=scfg,
-                       prompt_groups=groups)
-        token_conf = token_confidence(np.asarray(out.topk_logprobs)[keep]) if sampling.confidence_topk else None
-        new = _shard_rows(backbone, task, problems, n, np.asarray(out.tokens)[keep], s,
-                          _confidences(backbone, out, keep, sampling), token_conf)
+        else:
+            mine.append((b, idx, shard))
+
+    def write(b, idx, shard, out):
+        """Grade and write batch ``b``'s shard from its real rows' outputs (NumPy)."""
+        s = int(idx[0])
+        token_conf = token_confidence(out.topk_logprobs) if sampling.confidence_topk else None
+        new = _shard_rows(backbone, task, problems, n, out.tokens, s, _confidences(backbone, out, sampling), token_conf)
         cands.write_candidates(shard, new)
         by_batch[b] = new
         if progress:
-            k = b + 1 - done_before
+            k = len(by_batch) - done_before
             rate = k / max(time.time() - t0, 1e-9)
             print(f"\rsampling {split}: shard {b + 1}/{n_batches} ({rate:.2f} shards/s)", end="", file=sys.stderr,
                   flush=True)
         if delay:
             time.sleep(delay)
+
+    if mine:
+        ids, mask = backbone.encode_prompts([m for m in messages for _ in range(n)], width)
+    if mine and sampling.refill_every is None:
+        groups = math.gcd(n, bs)  # a batch's rows come in runs of identical prompts: prefill each run once
+        for b, idx, shard in mine:
+            keep = idx >= 0
+            out = generate(backbone.model, take(ids, idx), take(mask, idx), key=jax.random.fold_in(base, b),
+                           cfg=scfg, prompt_groups=groups)
+            write(b, idx, shard, _rows_of(jax.device_get(out), keep))
+    elif mine:
+        rows = np.concatenate([idx[idx >= 0] for _, idx, _ in mine])
+        where = {int(r): j for j, r in enumerate(rows)}   # row -> its place in the stream
+        left = {b: int((idx >= 0).sum()) for b, idx, _ in mine}
+        batch_of = {int(r): (b, idx, shard) for b, idx, shard in mine for r in idx[idx >= 0]}
+
+        def finished(done_rows, out):
+            for j in done_rows:
+                b, idx, shard = batch_of[int(rows[j])]
+                left[b] -= 1
+                if not left[b]:
+                    write(b, idx, shard, _rows_of(out, np.asarray([where[int(r)] for r in idx[idx >= 0]])))
+
+        keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(rows, jnp.int32))
+        stream_generate(backbone.model, ids[rows], mask[rows], row_keys=keys, cfg=scfg, slots=bs,
+                        segment=sampling.refill_every, on_finished=finished)
     if progress and done_before < n_batches:
         print(file=sys.stderr)
     wait_s = float(os.environ.get("SWIFTJAX_SHARD_WAIT", "") or 7 * 86400)

@@ -74,22 +74,27 @@ def test_swift_run_on_a_tiny_chat_model(arch, tmp_path):
     assert again["bon"] == res["bon"]
 
 
-def _sample_cmd(tmp, model, out):
+def _sample_cmd(tmp, model, out, *extra):
     data = write_gsm8k_toy(tmp / "gsm8k.jsonl")
     return [sys.executable, "-m", "swiftjax.cli", "sample", f"model={model}", "task.name=gsm8k",
             f"task.test_path={data}", "task.n_test=6", "task.n_train=null", f"out={out}", "n=4", "rollouts_per_group=4",
             "split=test",
-            "sampling.max_new_tokens=12", "sampling.batch_size=2", "progress=false"]
+            "sampling.max_new_tokens=12", "sampling.batch_size=2", "progress=false", *extra]
 
 
-def test_sampling_killed_then_rerun_gives_the_identical_set(tmp_path):
+@pytest.mark.parametrize("refill", [None, 3])
+def test_sampling_killed_then_rerun_gives_the_identical_set(tmp_path, refill):
+    """Lock-step: byte-identical. Continuous batching: the same samples (the rows in flight at
+    the kill ran beside other rows after it: scores equal up to float rounding)."""
     model, _ = save_tiny_chat_model("qwen2", tmp_path / "model")
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    ref = subprocess.run(_sample_cmd(tmp_path, model, tmp_path / "ref"), env=env, capture_output=True, text=True)
+    extra = [] if refill is None else [f"sampling.refill_every={refill}"]
+    ref = subprocess.run(_sample_cmd(tmp_path, model, tmp_path / "ref", *extra), env=env, capture_output=True,
+                         text=True)
     assert ref.returncode == 0, ref.stderr
     # the same run, killed (SIGKILL) once some shards are on disk, then run again
     slow = {**env, "SWIFTJAX_SHARD_DELAY": "0.5"}
-    proc = subprocess.Popen(_sample_cmd(tmp_path, model, tmp_path / "killed"), env=slow,
+    proc = subprocess.Popen(_sample_cmd(tmp_path, model, tmp_path / "killed", *extra), env=slow,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and len(list((tmp_path / "killed").glob("*.shards/*.jsonl"))) < 3:
@@ -98,13 +103,22 @@ def test_sampling_killed_then_rerun_gives_the_identical_set(tmp_path):
     proc.wait()
     shards = list((tmp_path / "killed").glob("*.shards/*.jsonl"))
     assert 3 <= len(shards) < 12, "the kill should land mid-run"
-    again = subprocess.run(_sample_cmd(tmp_path, model, tmp_path / "killed"), env=env, capture_output=True, text=True)
+    again = subprocess.run(_sample_cmd(tmp_path, model, tmp_path / "killed", *extra), env=env, capture_output=True,
+                           text=True)
     assert again.returncode == 0, again.stderr
     a = next((tmp_path / "ref").glob("candidates_test_*.jsonl"))
     b = next((tmp_path / "killed").glob("candidates_test_*.jsonl"))
     assert a.name == b.name
-    assert a.read_bytes() == b.read_bytes()
     assert not list((tmp_path / "killed").glob("*.shards"))
+    if refill is None:
+        assert a.read_bytes() == b.read_bytes()
+        return
+    ra, rb = cands.read_candidates(a), cands.read_candidates(b)
+    assert [(r["prompt_id"], r["index"], r["token_ids"], r["correct"]) for r in ra] == \
+        [(r["prompt_id"], r["index"], r["token_ids"], r["correct"]) for r in rb]
+    assert len({tuple(r["token_ids"]) for r in ra}) > len(ra) // 2   # rows drew different samples
+    for x, y in zip(ra, rb):
+        assert x["scores"] == pytest.approx(y["scores"], rel=1e-4, abs=1e-4)
 
 
 def test_config_is_validated_whole_before_any_work(tmp_path):
