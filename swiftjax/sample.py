@@ -313,8 +313,14 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
                     write(b, idx, shard, _rows_of(out, np.asarray([where[int(r)] for r in idx[idx >= 0]])))
 
         keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(rows, jnp.int32))
-        stream_generate(backbone.model, ids[rows], mask[rows], row_keys=keys, cfg=scfg, slots=bs,
-                        segment=sampling.refill_every, on_finished=finished)
+        stats: dict = {}
+        t1 = time.time()
+        got = stream_generate(backbone.model, ids[rows], mask[rows], row_keys=keys, cfg=scfg, slots=bs,
+                              segment=sampling.refill_every, on_finished=finished, stats=stats)
+        dt = time.time() - t1
+        log(f"continuous batching: {len(rows)} rows, {int(got.lengths.sum())} tokens in {dt:.0f}s "
+            f"({got.lengths.sum() / max(dt, 1e-9):.1f} tokens/s), {stats['steps']} steps x {stats['slots']} slots "
+            f"({100 * stats['live_fraction']:.0f}% of row-steps live)")
     if progress and done_before < n_batches:
         print(file=sys.stderr)
     wait_s = float(os.environ.get("SWIFTJAX_SHARD_WAIT", "") or 7 * 86400)

@@ -108,14 +108,18 @@ def _check_keys(row_keys, rows: int):
 
 def stream_generate(model, input_ids, attention_mask=None, *, row_keys=None, cfg: SamplingConfig, slots: int,
                     segment: int = 32, cache_dtype=jnp.float32,
-                    on_finished: Callable[[np.ndarray, GenerateOutput], None] | None = None) -> GenerateOutput:
+                    on_finished: Callable[[np.ndarray, GenerateOutput], None] | None = None,
+                    stats: dict | None = None) -> GenerateOutput:
     """Sample a continuation of every row of ``input_ids`` [R, W] (left-padded) with ``slots``
     rows in flight (see the module doc). ``row_keys`` [R]: one key per row (required unless
     greedy); identical prompt rows are prefilled once.
 
     ``on_finished(rows, out)``: called after each segment with the indices of the rows that
     ended in it (in no particular order) and the output filled so far (NumPy arrays: rows not
-    yet finished hold padding). Returns the :class:`GenerateOutput` of all rows as NumPy arrays.
+    yet finished hold padding). ``stats``: a dict filled with ``steps`` (decode steps of the
+    slots), ``slots``, ``segments``, ``prefill_rows`` (prompts prefilled, padding included) and
+    ``live_fraction`` (generated tokens / (steps x slots)). Returns the
+    :class:`GenerateOutput` of all rows as NumPy arrays.
     """
     if not isinstance(cfg, SamplingConfig):
         raise ValueError(f"cfg: expected a SamplingConfig, got {type(cfg).__name__}")
@@ -157,6 +161,7 @@ def stream_generate(model, input_ids, attention_mask=None, *, row_keys=None, cfg
     queue = deque(range(r))
     slot_row = np.full(b, -1)
     cursor = 0
+    count = {"steps": 0, "segments": 0, "prefill_rows": 0}
     while queue or (slot_row >= 0).any():
         free = np.nonzero(slot_row < 0)[0][: len(queue)]
         take = np.zeros(b, bool)
@@ -170,6 +175,7 @@ def stream_generate(model, input_ids, attention_mask=None, *, row_keys=None, cfg
             if fresh:
                 first = [first_row[x] for x in fresh]
                 pad = first + [first[0]] * (_bucket(len(first)) - len(first))
+                count["prefill_rows"] += len(pad)
                 pc, pl = jax.device_get(_prefill(params, jnp.asarray(ids[pad]), jnp.asarray(mask[pad]),
                                                  graphdef=graphdef, cache_dtype=cache_dtype))
                 for j, x in enumerate(fresh):
@@ -194,6 +200,8 @@ def stream_generate(model, input_ids, attention_mask=None, *, row_keys=None, cfg
                        pad_id=int(cfg.pad_id))
             cursor = new_cursor
         s = _segment(params, s, graphdef=graphdef, decoder=decoder, cfg=cfg, segment=segment)
+        count["steps"] += int(s.step)
+        count["segments"] += 1
         cursor = int(s.aux[0].cursor)
         done = np.asarray(s.done)
         ended = np.nonzero(done & (slot_row >= 0))[0]
@@ -209,6 +217,8 @@ def stream_generate(model, input_ids, attention_mask=None, *, row_keys=None, cfg
             slot_row[ended] = -1
             if on_finished is not None:
                 on_finished(rows_done, out)
+    if stats is not None:
+        stats.update(count, slots=b, live_fraction=float(out.lengths.sum()) / max(count["steps"] * b, 1))
     return out
 
 

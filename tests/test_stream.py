@@ -39,9 +39,11 @@ def test_greedy_rows_equal_the_lock_step_sampler(model):
     ref = generate(model, ids, mask, cfg=cfg)
     assert len(set(np.asarray(ref.lengths).tolist())) > 2  # rows end at different steps
     for slots, segment in [(9, 32), (3, 2), (2, 3), (1, 5)]:
-        seen = []
+        seen, stats = [], {}
         out = stream_generate(model, ids, mask, cfg=cfg, slots=slots, segment=segment,
-                              on_finished=lambda rows, o: seen.extend(rows.tolist()))
+                              on_finished=lambda rows, o: seen.extend(rows.tolist()), stats=stats)
+        assert stats["slots"] == slots and stats["live_fraction"] == out.lengths.sum() / (stats["steps"] * slots)
+        assert stats["live_fraction"] <= 1.0 and (slots > 1 or stats["live_fraction"] == 1.0)
         np.testing.assert_array_equal(out.tokens, np.asarray(ref.tokens))
         np.testing.assert_array_equal(out.lengths, np.asarray(ref.lengths))
         np.testing.assert_array_equal(out.finished, np.asarray(ref.finished))
