@@ -3,8 +3,9 @@
     python bench/bench_stream.py [--model DIR] [--problems 8] [--n 8] [--slots 16] [--new-tokens 256]
 
 Real chat prompts (GSM8K questions through the model's chat template, asked for a \\boxed{}
-answer, when ``../shared/data`` is present; else the world's problems) and the real model
-from the model cache (``swiftjax models fetch``; SmolLM2-135M-Instruct by default), sampled
+answer, when ``../shared/data`` is present) and the real model
+from the model cache (``swiftjax models fetch``; SmolLM2-135M-Instruct by default, the
+shipped world model on its own problems when it is absent), sampled
 as the study samples them (temperature 0.7, top-p 0.95). Both ways decode the same rows with
 the same number of rows in flight:
 
@@ -38,8 +39,8 @@ GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.js
 PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
-def _questions(k: int) -> tuple[str, list[str]]:
-    if GSM8K.is_file():
+def _questions(k: int, world: bool) -> tuple[str, list[str]]:
+    if GSM8K.is_file() and not world:
         task = make_task({"name": "gsm8k", "test_path": str(GSM8K), "n_test": k, "prompt": PROMPT})
     else:
         task = make_task({"name": "world", "n_test": k})
@@ -48,18 +49,23 @@ def _questions(k: int) -> tuple[str, list[str]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(models_root() / "smollm2-135m-instruct"))
+    real = models_root() / "smollm2-135m-instruct"
+    ap.add_argument("--model", default=str(real) if real.is_dir() else "world",
+                    help="an HF directory (default: SmolLM2 from the model cache, else the shipped world model)")
+    ap.add_argument("--small", action="store_true", help="a quick run: 2 problems, 64 new tokens")
     ap.add_argument("--problems", type=int, default=8)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--refill", type=int, default=32)
     a = ap.parse_args(argv)
-    if not Path(a.model).is_dir():
+    if a.small:
+        a.problems, a.new_tokens = 2, 64
+    if a.model != "world" and not Path(a.model).is_dir():
         print(f"--model: {a.model} is not a directory (run `swiftjax models fetch` first)", file=sys.stderr)
         return 2
     bb = load_backbone(a.model)
-    task, questions = _questions(a.problems)
+    task, questions = _questions(a.problems, a.model == "world")
     msgs = [q for q in questions for _ in range(a.n)]
     width = -(-max(len(bb.prompt_ids(q)) for q in questions) // 16) * 16
     ids, mask = bb.encode_prompts(msgs, width)
