@@ -1,7 +1,9 @@
 """The one sampler: prefill once, then one token a step in a single jitted ``lax.while_loop``.
 
-:func:`run_sampler` owns the loop and its named carry (:class:`SamplerState`); what differs
-between uses is a :class:`Decoder` of hooks: :class:`LMDecoder` decodes one or several models
+:func:`decode_loop` is the loop and :class:`SamplerState` its named carry;
+:func:`run_sampler` prefills and runs it over one batch, :mod:`swiftjax.stream` runs it in
+segments over slots it refills (continuous batching). What differs between uses is a
+:class:`Decoder` of hooks: :class:`LMDecoder` decodes one or several models
 in lock step (each with its own KV cache, their logits merged by a ``combine`` function:
 GenARM's guided decoding passes its weights as traced arguments, so new weights never
 recompile); SWIFT's running score (:mod:`swiftjax.methods.swift.features`) reads every step's
@@ -9,9 +11,10 @@ per-layer projections; ARGS (:mod:`swiftjax.methods.genarm.guided`) overrides ho
 chosen. :func:`generate` is the plain entry point.
 
 Random stream: one ``jax.random.split`` per step, the sub-key drawing that step's tokens for
-the whole batch. A batch's samples therefore depend on its key and on which rows share it:
-callers that need reproducible candidate sets fix the batch layout (it is part of their
-cache keys).
+the whole batch, so a batch's samples depend on its key and on which rows share it: callers
+that need reproducible candidate sets fix the batch layout (it is part of their cache keys).
+With per-row keys (``SamplerState.row_keys``, continuous batching) row b draws its token t
+with ``fold_in(row_keys[b], t)``, independent of its neighbours.
 """
 from __future__ import annotations
 

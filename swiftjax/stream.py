@@ -130,9 +130,9 @@ def stream_generate(model, input_ids, attention_mask=None, *, row_keys=None, cfg
     ids, mask = np.asarray(ids), np.asarray(mask)
     r, w = ids.shape
     n, k = cfg.max_new_tokens, cfg.record_topk
-    if model.config.is_gpt2 and w + n + segment > model.config.max_position_embeddings:
-        raise ValueError(f"prompt + max_new_tokens + segment: expected <= {model.config.max_position_embeddings} "
-                         f"cache columns for gpt2")
+    if model.config.is_gpt2 and w + n > model.config.max_position_embeddings:
+        raise ValueError(f"prompt + max_new_tokens: expected <= {model.config.max_position_embeddings} positions "
+                         f"for gpt2")
     if row_keys is None:
         if cfg.temperature != 0:
             raise ValueError("stream_generate: row_keys are required when temperature > 0")
