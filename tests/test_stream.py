@@ -38,7 +38,7 @@ def test_greedy_rows_equal_the_lock_step_sampler(model):
     cfg = SamplingConfig(max_new_tokens=10, temperature=0, eos_ids=EOS)
     ref = generate(model, ids, mask, cfg=cfg)
     assert len(set(np.asarray(ref.lengths).tolist())) > 2  # rows end at different steps
-    for slots, segment in [(9, 32), (3, 2), (2, 3), (1, 5)]:
+    for slots, segment in [(9, 32), (3, 2), (1, 5)]:  # all rows at once; refills; one row at a time
         seen, stats = [], {}
         out = stream_generate(model, ids, mask, cfg=cfg, slots=slots, segment=segment,
                               on_finished=lambda rows, o: seen.extend(rows.tolist()), stats=stats)
