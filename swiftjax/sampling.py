@@ -322,6 +322,17 @@ def _repeat_rows(tree, groups: int):
     return jax.tree.map(lambda x: jnp.repeat(x, groups, axis=0) if x.ndim else x, tree)
 
 
+def init_state(cfg: SamplingConfig, logits, aux, key, *, done=None, row_keys=None) -> SamplerState:
+    """A loop carry with empty output buffers for ``logits.shape[0]`` rows (no token yet;
+    ``done`` [B] marks rows that take no step, default none)."""
+    b, n, k = logits.shape[0], cfg.max_new_tokens, cfg.record_topk
+    return SamplerState(step=jnp.zeros((), jnp.int32), key=key, logits=logits,
+                        tokens=jnp.full((b, n), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((b, n), jnp.float32),
+                        done=jnp.zeros((b,), bool) if done is None else done, length=jnp.zeros((b,), jnp.int32),
+                        topk=jnp.zeros((b, n, k), jnp.float32), mean_lp=jnp.zeros((b, n if k else 0), jnp.float32),
+                        aux=aux, row_keys=row_keys)
+
+
 def decode_loop(models, ctx, decoder: Decoder, s: SamplerState, cfg: SamplingConfig, steps) -> SamplerState:
     """The decoding loop (traced; one ``lax.while_loop``): up to ``steps`` more tokens a row,
     stopping once every row is done. Row b writes its token t (t = ``s.length[b]``) to column
@@ -379,12 +390,7 @@ def _sample(states, args, prompts, key, *, graphdefs, decoder, cfg, prompt_group
         aux, logits = _repeat_rows(decoder.prefill(models, ctx, firsts, cfg), prompt_groups)
     else:
         aux, logits = decoder.prefill(models, ctx, prompts, cfg)
-    b, n = logits.shape[0], cfg.max_new_tokens
-    init = SamplerState(step=jnp.zeros((), jnp.int32), key=key, logits=logits,
-                        tokens=jnp.full((b, n), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((b, n), jnp.float32),
-                        done=jnp.zeros((b,), bool), length=jnp.zeros((b,), jnp.int32), topk=jnp.zeros((b, n, cfg.record_topk), jnp.float32),
-                        mean_lp=jnp.zeros((b, n if cfg.record_topk else 0), jnp.float32), aux=aux)
-    s = decode_loop(models, ctx, decoder, init, cfg, n)
+    s = decode_loop(models, ctx, decoder, init_state(cfg, logits, aux, key), cfg, cfg.max_new_tokens)
     eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
     out = GenerateOutput(tokens=s.tokens, logprobs=s.logprobs, lengths=s.length,
                          finished=s.done & _has_end(s.tokens, s.length, eos), topk_logprobs=s.topk if cfg.record_topk else None,

@@ -31,8 +31,8 @@ import numpy as np
 from flax import nnx
 
 from swiftjax.models.cache import KVCache, init_cache
-from swiftjax.sampling import (GenerateOutput, LMDecoder, SamplerState, SamplingConfig, check_prompt,
-                               constrain_cache, decode_loop)
+from swiftjax.sampling import (GenerateOutput, LMDecoder, SamplerState, SamplingConfig, _has_end, check_prompt,
+                               constrain_cache, decode_loop, init_state)
 
 __all__ = ["stream_generate"]
 
@@ -49,8 +49,7 @@ def _segment(params, s: SamplerState, *, graphdef, decoder, cfg: SamplingConfig,
     def models():
         return [nnx.merge(graphdef, params)]
 
-    s = decode_loop(models, None, decoder, dataclasses.replace(s, step=jnp.zeros((), jnp.int32)), cfg, segment)
-    return s
+    return decode_loop(models, None, decoder, dataclasses.replace(s, step=jnp.zeros((), jnp.int32)), cfg, segment)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_dtype"))
@@ -62,8 +61,8 @@ def _prefill(params, ids, mask, *, graphdef, cache_dtype):
     return out.cache, out.logits[:, -1].astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("pad_id",), donate_argnames=("s",))
-def _admit(s: SamplerState, shift, cursor, take, src, keys, prompts: KVCache, first_logits, *, pad_id: int):
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("s",))
+def _admit(s: SamplerState, shift, cursor, take, src, keys, prompts: KVCache, first_logits, *, cfg: SamplingConfig):
     """Roll every slot's cache columns by ``shift`` (the cursor moves to ``cursor``) and start
     the rows marked by ``take`` [B]: prompt ``src[b]`` of ``prompts`` (a [U, ..., W] prefill),
     placed at columns ``[cursor - W, cursor)``, drawing with ``keys[b]``."""
@@ -83,13 +82,10 @@ def _admit(s: SamplerState, shift, cursor, take, src, keys, prompts: KVCache, fi
                     v=tuple(place(o, p, 2) for o, p in zip(c.v, prompts.v)),
                     key_valid=key_valid, cursor=jnp.asarray(cursor, jnp.int32),
                     next_pos=jnp.where(take, prompts.next_pos[src], c.next_pos))
-    return dataclasses.replace(
-        s, row_keys=jnp.where(take, keys, s.row_keys), length=jnp.where(take, 0, s.length), done=s.done & ~take,
-        logits=_rows_take(take, first_logits[src], s.logits),
-        tokens=_rows_take(take, jnp.full_like(s.tokens, pad_id), s.tokens),
-        logprobs=_rows_take(take, jnp.zeros_like(s.logprobs), s.logprobs),
-        topk=_rows_take(take, jnp.zeros_like(s.topk), s.topk),
-        mean_lp=_rows_take(take, jnp.zeros_like(s.mean_lp), s.mean_lp), aux=[constrain_cache(cache)])
+    start = init_state(cfg, first_logits[src], s.aux, s.key, row_keys=keys)   # what an admitted row starts from
+    per_row = ("logits", "tokens", "logprobs", "done", "length", "topk", "mean_lp", "row_keys")
+    return dataclasses.replace(s, aux=[constrain_cache(cache)],
+                               **{f: _rows_take(take, getattr(start, f), getattr(s, f)) for f in per_row})
 
 
 def _bucket(u: int) -> int:
@@ -142,17 +138,14 @@ def stream_generate(model, input_ids, attention_mask=None, *, row_keys=None, cfg
     graphdef, params = nnx.split(model)
     decoder = LMDecoder(cache_dtype=cache_dtype)
     vocab = int(model.config.vocab_size)
-    s = SamplerState(step=jnp.zeros((), jnp.int32), key=jax.random.key(0), logits=jnp.zeros((b, vocab), jnp.float32),
-                     tokens=jnp.full((b, n), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((b, n), jnp.float32),
-                     done=jnp.ones((b,), bool), length=jnp.zeros((b,), jnp.int32),
-                     topk=jnp.zeros((b, n, k), jnp.float32), mean_lp=jnp.zeros((b, n if k else 0), jnp.float32),
-                     aux=[constrain_cache(init_cache(model.config, b, w + n + segment, cache_dtype))],
-                     row_keys=jax.random.split(jax.random.key(0), b))
+    s = init_state(cfg, jnp.zeros((b, vocab), jnp.float32),
+                   [constrain_cache(init_cache(model.config, b, w + n + segment, cache_dtype))], jax.random.key(0),
+                   done=jnp.ones((b,), bool), row_keys=jax.random.split(jax.random.key(0), b))  # all slots empty
     out = GenerateOutput(tokens=np.full((r, n), cfg.pad_id, np.int32), logprobs=np.zeros((r, n), np.float32),
                          lengths=np.zeros((r,), np.int32), finished=np.zeros((r,), bool),
                          topk_logprobs=np.zeros((r, n, k), np.float32) if k else None,
                          mean_logprob=np.zeros((r, n), np.float32) if k else None)
-    eos = np.asarray(cfg.eos_ids or (-1,))
+    eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
     sig = [ids[i].tobytes() + mask[i].tobytes() for i in range(r)]
     first_row = {}
     for i, x in enumerate(sig):
@@ -197,7 +190,7 @@ def stream_generate(model, input_ids, attention_mask=None, *, row_keys=None, cfg
                 prompts, first_logits = _empty_prompts(s.aux[0], w), np.zeros((1, vocab), np.float32)
             s = _admit(s, jnp.asarray(new_cursor - cursor, jnp.int32), jnp.asarray(new_cursor, jnp.int32),
                        jnp.asarray(take), jnp.asarray(src), keys[jnp.asarray(key_rows)], prompts, jnp.asarray(first_logits),
-                       pad_id=int(cfg.pad_id))
+                       cfg=cfg)
             cursor = new_cursor
         s = _segment(params, s, graphdef=graphdef, decoder=decoder, cfg=cfg, segment=segment)
         count["steps"] += int(s.step)
@@ -212,8 +205,7 @@ def stream_generate(model, input_ids, attention_mask=None, *, row_keys=None, cfg
                 got[0][ended], got[1][ended], got[2][ended])
             if k:
                 out.topk_logprobs[rows_done], out.mean_logprob[rows_done] = got[3][ended], got[4][ended]
-            gen = np.arange(n)[None, :] < out.lengths[rows_done][:, None]
-            out.finished[rows_done] = (np.isin(out.tokens[rows_done], eos) & gen).any(axis=1)
+            out.finished[rows_done] = np.asarray(_has_end(out.tokens[rows_done], out.lengths[rows_done], eos))
             slot_row[ended] = -1
             if on_finished is not None:
                 on_finished(rows_done, out)
