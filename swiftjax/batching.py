@@ -6,6 +6,9 @@ serves any number of rows.
   and thrown away; rows never see each other, so padding changes no real row's output).
   :func:`take` gathers those rows from an array and :func:`map_batches` runs a function over
   every batch and keeps the real rows' outputs.
+* :func:`length_batches` is the teacher-forced side: rows grouped by length and each batch cut
+  to the columns its rows use (width rounded up to a bucket), so a set of short responses in
+  a wide padded array is not computed at full width; a few shapes compile instead of one.
 * :func:`epoch_batches` is the training side: a fresh seeded permutation per epoch, so a
   resumed run sees the same data order.
 """
@@ -16,7 +19,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["padded_batches", "take", "map_batches", "epoch_batches", "check_batch_size"]
+__all__ = ["padded_batches", "length_batches", "take", "map_batches", "epoch_batches", "check_batch_size"]
 
 
 def check_batch_size(batch_size) -> int:
@@ -31,6 +34,62 @@ def padded_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
     for s in range(0, n, batch_size):
         rows = np.arange(s, s + batch_size)
         yield np.where(rows < n, rows, -1)
+
+
+def row_spans(attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    """(first, end) [N] int: row i's real tokens lie in columns [first[i], end[i]) (both 0 for a
+    row without any)."""
+    m = np.asarray(attention_mask) != 0
+    if m.ndim != 2:
+        raise ValueError(f"attention_mask: expected rank 2 [N, T], got shape {m.shape}")
+    any_ = m.any(axis=1)
+    first = np.where(any_, m.argmax(axis=1), 0)
+    end = np.where(any_, m.shape[1] - m[:, ::-1].argmax(axis=1), 0)
+    return first, end
+
+
+def length_batches(attention_mask, batch_size: int, *, bucket: int | None = 64,
+                   window: int | None = None) -> list[tuple[np.ndarray, int, int]]:
+    """Batches of rows of similar length, each cut to the columns its rows use.
+
+    attention_mask: [N, T] (nonzero = real token; left, right or no padding). Rows are taken in
+    windows of ``window`` consecutive rows (None: all N; else a positive multiple of
+    ``batch_size``), sorted inside a window by their span of real tokens (stable), and cut into
+    index vectors of ``batch_size`` (``-1`` pads a window's last one, as :func:`padded_batches`).
+    Returns ``[(rows [batch_size], start, width)]``: every real token of the batch's rows lies in
+    columns ``[start, start + width)``; ``width`` is the batch's span rounded up to a multiple
+    of ``bucket`` and capped at T, so at most ``ceil(T / bucket)`` widths occur (``bucket``
+    None: every batch is ``(rows, 0, T)``, one shape). A consumer that needs the rows in order
+    (a feature store) reorders one window at a time; positions come from the mask, so dropping
+    columns without real tokens changes no row's output.
+    """
+    batch_size = check_batch_size(batch_size)
+    first, end = row_spans(attention_mask)
+    n, t = np.shape(attention_mask)
+    if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 1):
+        raise ValueError(f"bucket: expected a positive int or None, got {bucket!r}")
+    if window is None:
+        window = max(n, 1)
+        window = -(-window // batch_size) * batch_size
+    elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1 or window % batch_size:
+        raise ValueError(f"window: expected a positive multiple of batch_size={batch_size} or None, got {window!r}")
+    out = []
+    for w0 in range(0, n, window):
+        idx = np.arange(w0, min(w0 + window, n))
+        if bucket is not None:
+            idx = idx[np.argsort(end[idx] - first[idx], kind="stable")]
+        for s in range(0, len(idx), batch_size):
+            rows = np.full(batch_size, -1, np.int64)
+            rows[: len(idx[s: s + batch_size])] = idx[s: s + batch_size]
+            if bucket is None:
+                out.append((rows, 0, t))
+                continue
+            real = rows[rows >= 0]
+            real = real[end[real] > first[real]]  # rows without tokens need no columns
+            lo, hi = (int(first[real].min()), int(end[real].max())) if real.size else (0, 0)
+            width = min(t, max(1, -(-(hi - lo) // bucket) * bucket))
+            out.append((rows, min(lo, t - width), width))
+    return out
 
 
 def take(arr, rows: np.ndarray) -> np.ndarray:

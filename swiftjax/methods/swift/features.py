@@ -10,8 +10,9 @@ What a forward yields for SWIFT (spec: docs/swift.md, "Features"):
   largest logits / log-probs, F = k, see :func:`swiftjax.methods.swift.head.logits_features`).
 * :func:`extract` -> ``[B, T, F]`` float32 for one batch (only the selected states are
   materialised: the forward sows them and nothing else leaves the jitted function);
-  :func:`iter_feature_batches` streams a whole candidate set in fixed-shape batches (one
-  compilation); :func:`response_rows` / :func:`pad_rows` convert between padded batches and
+  :func:`iter_feature_batches` streams a whole candidate set in length-sorted batches, each
+  cut to the columns its rows use (a few bucketed widths compile; no work on padding);
+  :func:`response_rows` / :func:`pad_rows` convert between padded batches and
   the ragged response-token rows a feature store holds; :func:`write_store` streams a set into
   a :class:`swiftjax.data.store.FeatureStoreWriter`.
 * :func:`fused_scores` folds the head into the forward: the model is given ``projections={l:
@@ -41,7 +42,7 @@ from swiftjax import parallel
 from swiftjax.methods.swift import head as swift
 from swiftjax.methods.swift.prune import drop_lowest
 from swiftjax._checks import check_int, check_rank, check_same_shape
-from swiftjax.batching import padded_batches, take
+from swiftjax.batching import length_batches, take
 from swiftjax.sampling import LMDecoder, SamplingConfig, check_ids_in_vocab, constrain_cache, run_sampler
 from swiftjax.models.config import ModelConfig
 from swiftjax.models.transformer import HiddenState, LayerProjection, Taps
@@ -306,16 +307,20 @@ def extract(model, ids, attention_mask, response_mask, spec: FeatureSpec) -> jax
 
 
 class FeatureBatch(NamedTuple):
-    """One fixed-shape batch of a candidate set.
+    """One batch of a candidate set, cut to the columns its rows use.
 
-    rows: [b] int64 row indices into the set, -1 on padding rows (the last batch is padded);
-    features: [b, T, F] float32 (zero outside the response mask);
-    mask: [b, T] float32 response mask (all zero on padding rows).
+    rows: [b] int64 row indices into the set, -1 on padding rows (a window's last batch is
+      padded);
+    features: [b, W, F] float32 (zero outside the response mask) over columns
+      ``[start, start + W)`` of the set's [N, T] arrays (W <= T);
+    mask: [b, W] float32 response mask over the same columns (all zero on padding rows);
+    start: the first column.
     """
 
     rows: np.ndarray
     features: jax.Array
     mask: np.ndarray
+    start: int = 0
 
 
 def _check_batch_size(batch_size) -> int:
@@ -333,28 +338,33 @@ def _progress(it, total, progress: bool, desc: str):
 
 
 def iter_feature_batches(model, ids, attention_mask, response_mask, spec: FeatureSpec,
-                         batch_size: int = 32, *, progress: bool = False) -> Iterator[FeatureBatch]:
+                         batch_size: int = 32, *, bucket: int | None = 64, window: int | None = None,
+                         progress: bool = False) -> Iterator[FeatureBatch]:
     """Stream the features of a whole candidate set, ``batch_size`` rows at a time.
 
-    ids / masks: [N, T] host arrays. Every batch has the same shape (the last is padded with
-    copies of a real row whose mask is zeroed), so the forward compiles once. Yields
-    :class:`FeatureBatch`; only one batch of features is alive at a time if the caller
-    drops it (streaming recomputation, or feeding a feature store).
+    ids / masks: [N, T] host arrays. Batches come from :func:`swiftjax.batching.length_batches`:
+    inside each window of ``window`` consecutive rows (None: the whole set) rows are sorted by
+    length and every batch is cut to the columns its rows use, its width rounded up to a
+    multiple of ``bucket`` (so at most ceil(T / bucket) shapes compile; ``bucket=None``: every
+    batch in row order at full width, one compilation). The last batch of a window is padded
+    with copies of a real row whose mask is zeroed. Yields :class:`FeatureBatch` (``rows`` says
+    which rows, ``start`` which columns); only one batch of features is alive at a time if the
+    caller drops it (streaming recomputation, or feeding a feature store).
     """
     cfg = _model_cfg(model)
     _check_spec(spec)
     feature_dim(spec, cfg)
     batch_size = _check_batch_size(batch_size)
     ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
+    batches = length_batches(attn, batch_size, bucket=bucket, window=window)
     graphdef, state = nnx.split(model)
     layers = _layers_or_empty(spec, cfg)
-    n = ids.shape[0]
-    batches = padded_batches(n, batch_size)
-    for rows in _progress(batches, -(-n // batch_size), progress, "features"):
-        m = take(resp, rows) * (rows >= 0)[:, None]
-        x = _extract(state, take(ids, rows), take(attn, rows), m, graphdef=graphdef,
+    for rows, start, width in _progress(batches, len(batches), progress, "features"):
+        cols = slice(start, start + width)
+        m = take(resp, rows)[:, cols] * (rows >= 0)[:, None]
+        x = _extract(state, take(ids, rows)[:, cols], take(attn, rows)[:, cols], m, graphdef=graphdef,
                      spec=spec, layers=layers)
-        yield FeatureBatch(rows=rows, features=x, mask=m)
+        yield FeatureBatch(rows=rows, features=x, mask=m, start=start)
 
 
 def response_rows(features, mask) -> list[np.ndarray]:
@@ -393,18 +403,24 @@ def pad_rows(rows: Sequence, pad_to: int | None = None) -> tuple[np.ndarray, np.
 
 
 def write_store(path, model, spec: FeatureSpec, ids, attention_mask, response_mask, labels,
-                group_ids, *, batch_size: int = 32, meta: Mapping | None = None,
+                group_ids, *, batch_size: int = 32, window_batches: int = 16, meta: Mapping | None = None,
                 progress: bool = False, **writer_kw):
     """Extract the features of a candidate set batch by batch into a feature store at ``path``
     (response tokens only, bf16 on disk; see :mod:`swiftjax.data.store`). labels: [N] in [0, 1];
     group_ids: [N] int (the prompt each candidate answers). Returns the store's path.
 
-    Peak memory: one batch of features plus the writer's shard buffer."""
+    Rows are computed length-sorted inside windows of ``window_batches * batch_size``
+    consecutive rows (:func:`iter_feature_batches`) and written in row order, so the store's
+    row i is candidate i. Peak memory: one window of response-token features plus the writer's
+    shard buffer."""
     from swiftjax.data.store import FeatureStoreWriter
 
     cfg = _model_cfg(model)
     f = feature_dim(spec, cfg)
     _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)  # before the writer opens
+    batch_size = _check_batch_size(batch_size)
+    if not _is_int(window_batches) or window_batches < 1:
+        raise ValueError(f"window_batches: expected a positive int, got {window_batches!r}")
     n = np.shape(ids)[0] if np.ndim(ids) == 2 else -1
     labels = np.asarray(labels)
     group_ids = np.asarray(group_ids)
@@ -413,12 +429,21 @@ def write_store(path, model, spec: FeatureSpec, ids, attention_mask, response_ma
                          f"got {labels.shape} and {group_ids.shape}")
     info = {"model_type": cfg.model_type, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
             **dict(meta or {})}
+    pending: dict[int, np.ndarray] = {}
+    done = 0
     with FeatureStoreWriter(path, f, spec.to_dict(), meta=info, **writer_kw) as w:
         for fb in iter_feature_batches(model, ids, attention_mask, response_mask, spec, batch_size,
-                                       progress=progress):
+                                       window=window_batches * batch_size, progress=progress):
             keep = fb.rows >= 0
-            rows = response_rows(jax.device_get(fb.features)[keep], fb.mask[keep])
-            w.add(rows, labels=labels[fb.rows[keep]], group_ids=group_ids[fb.rows[keep]])
+            pending.update(zip(fb.rows[keep].tolist(),
+                               response_rows(jax.device_get(fb.features)[keep], fb.mask[keep])))
+            run = []
+            while done + len(run) in pending:
+                run.append(pending.pop(done + len(run)))
+            if run:
+                sel = np.arange(done, done + len(run))
+                w.add(run, labels=labels[sel], group_ids=group_ids[sel])
+                done += len(run)
     return w.path
 
 
@@ -502,10 +527,12 @@ def fused_scores(model, params, spec: FeatureSpec, ids, attention_mask, response
 
 
 def fused_scores_batched(model, params, spec: FeatureSpec, ids, attention_mask, response_mask,
-                         batch_size: int = 32, *, progress: bool = False) -> np.ndarray:
-    """:func:`fused_scores` over a whole set [N, T] in fixed-shape batches -> [N] float32."""
+                         batch_size: int = 32, *, bucket: int | None = 64, progress: bool = False) -> np.ndarray:
+    """:func:`fused_scores` over a whole set [N, T] -> [N] float32, in length-sorted batches cut to
+    the columns their rows use (widths rounded up to ``bucket``: a few compilations, no work on
+    padding; None: full width in row order, one compilation)."""
     return _over_batches(_fused, False, "score", model, params, spec, ids, attention_mask, response_mask,
-                         batch_size, progress)
+                         batch_size, progress, bucket)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "layers"))
@@ -516,30 +543,38 @@ def _fused_prefix(state, params, ids, attn, resp, *, graphdef, spec, layers):
 
 
 def fused_prefix_scores_batched(model, params, spec: FeatureSpec, ids, attention_mask, response_mask,
-                                batch_size: int = 32, *, progress: bool = False) -> np.ndarray:
+                                batch_size: int = 32, *, bucket: int | None = 64,
+                                progress: bool = False) -> np.ndarray:
     """[N, T] the SWIFT score of every response prefix of teacher-forced rows (entry t: the
-    response up to position t; what decoding's running score reads after that token)."""
+    response up to position t; what decoding's running score reads after that token). Read it
+    at response positions: columns outside a batch's span of real tokens are not computed (0)."""
     return _over_batches(_fused_prefix, True, "prefix scores", model, params, spec, ids,
-                         attention_mask, response_mask, batch_size, progress)
+                         attention_mask, response_mask, batch_size, progress, bucket)
 
 
 def _over_batches(fn, per_token: bool, label: str, model, params, spec, ids, attention_mask, response_mask,
-                  batch_size, progress) -> np.ndarray:
-    """Checked inputs, then the jitted ``fn`` over fixed-shape batches -> [N] or [N, T] float32."""
+                  batch_size, progress, bucket) -> np.ndarray:
+    """Checked inputs, then the jitted ``fn`` over length-sorted batches cut to their columns
+    (:func:`swiftjax.batching.length_batches`) -> [N] or [N, T] float32 in row order."""
     cfg = _model_cfg(model)
     _check_spec(spec)
     _check_head(params, spec, cfg)
     batch_size = _check_batch_size(batch_size)
     ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
+    batches = length_batches(attn, batch_size, bucket=bucket)
     graphdef, state = nnx.split(model)
     layers = _layers_or_empty(spec, cfg)
     n = ids.shape[0]
     out = np.zeros((n, ids.shape[1]) if per_token else (n,), np.float32)
-    for rows in _progress(padded_batches(n, batch_size), -(-n // batch_size), progress, label):
-        s = fn(state, params, take(ids, rows), take(attn, rows), take(resp, rows),
+    for rows, start, width in _progress(batches, len(batches), progress, label):
+        cols = slice(start, start + width)
+        s = fn(state, params, take(ids, rows)[:, cols], take(attn, rows)[:, cols], take(resp, rows)[:, cols],
                graphdef=graphdef, spec=spec, layers=layers)
         keep = rows >= 0
-        out[rows[keep]] = np.asarray(s)[keep]
+        if per_token:
+            out[rows[keep], cols] = np.asarray(s)[keep]
+        else:
+            out[rows[keep]] = np.asarray(s)[keep]
     return out
 
 

@@ -184,6 +184,58 @@ def test_batches_cover_the_set_with_one_compilation(models):
     assert F._extract._cache_size() - before <= 1  # batches of 2, padded last: one shape
 
 
+def _ragged_set(seed=0, n=9, t=40, vocab=97):
+    """Right-padded prompt + response rows of very different lengths (and two left-padded rows)."""
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(3, vocab, size=(n, t))
+    attn = np.zeros_like(ids)
+    resp = np.zeros_like(ids)
+    for r in range(n):
+        end = int(rs.randint(6, t + 1))
+        start = 0 if r % 4 else t - end          # rows 0, 4, 8: left-padded to the full width
+        attn[r, start: start + end] = 1
+        resp[r, start + 3: start + end] = 1
+    ids[attn == 0] = 0
+    return ids, attn, resp
+
+
+def test_length_bucketed_batches_equal_the_full_width_forward(models, tmp_path):
+    """Batches cut to their rows' columns give each row's full-width features (and the store
+    written from them holds the rows in order); fewer columns are computed."""
+    _, model, cfg = models("llama")
+    ids, attn, resp = _ragged_set()
+    spec = F.FeatureSpec(layers=(0, 2), apply_norm=True)
+    whole = np.asarray(F.extract(model, ids, attn, resp, spec))
+    seen, columns = [], 0
+    for fb in F.iter_feature_batches(model, ids, attn, resp, spec, batch_size=2, bucket=8):
+        w = fb.features.shape[1]
+        assert w % 8 == 0 or w == ids.shape[1]
+        columns += w
+        for j, r in enumerate(fb.rows[fb.rows >= 0]):
+            seen.append(r)
+            cols = slice(fb.start, fb.start + w)
+            np.testing.assert_allclose(np.asarray(fb.features[j]), whole[r, cols], atol=1e-5)
+            np.testing.assert_array_equal(fb.mask[j], resp[r, cols])
+            assert resp[r].sum() == fb.mask[j].sum()   # no response token outside the cut
+    assert sorted(seen) == list(range(len(ids)))
+    assert columns < 5 * ids.shape[1]                  # 5 batches at full width would be 200
+    p = _head(spec, cfg, True, seed=1)
+    ref = np_score(p["kernel"], p["bias"], whole, resp)
+    got = F.fused_scores_batched(model, p, spec, ids, attn, resp, batch_size=2, bucket=8)
+    np.testing.assert_allclose(got, ref, atol=FUSED_TOL, rtol=FUSED_TOL)
+    prefix = F.fused_prefix_scores_batched(model, p, spec, ids, attn, resp, batch_size=2, bucket=8)
+    full = F.fused_prefix_scores_batched(model, p, spec, ids, attn, resp, batch_size=2, bucket=None)
+    on = resp > 0
+    np.testing.assert_allclose(prefix[on], full[on], atol=FUSED_TOL, rtol=FUSED_TOL)
+    # a store written in length-sorted windows of 2 batches still holds row i at i
+    path = F.write_store(tmp_path / "st", model, spec, ids, attn, resp, np.arange(len(ids)) % 2,
+                         np.arange(len(ids)), batch_size=2, window_batches=2, shard_rows=3)
+    st = FeatureStore(path)
+    np.testing.assert_array_equal(st.group_ids, np.arange(len(ids)))
+    for r in range(len(ids)):
+        np.testing.assert_allclose(st.row(r), whole[r][resp[r] > 0], rtol=2.0 ** -8, atol=1e-30)
+
+
 def test_response_rows_and_pad_rows_round_trip():
     rs = np.random.RandomState(0)
     x = rs.randn(3, 6, 4).astype(np.float32)
