@@ -69,8 +69,7 @@ def length_batches(attention_mask, batch_size: int, *, bucket: int | None = 64,
     if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 1):
         raise ValueError(f"bucket: expected a positive int or None, got {bucket!r}")
     if window is None:
-        window = max(n, 1)
-        window = -(-window // batch_size) * batch_size
+        window = max(n, 1)  # one window: the whole set
     elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1 or window % batch_size:
         raise ValueError(f"window: expected a positive multiple of batch_size={batch_size} or None, got {window!r}")
     out = []
