@@ -565,10 +565,20 @@ class FeatureStore:
         """Row i's features [T_i, F] float32."""
         return from_bf16_bits(self.row_bits(i))
 
-    def batch(self, indices: Sequence[int], pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, indices: Sequence[int], pad_to: int | None = None, *,
+              columns=None) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``indices`` as (features [B, Tmax, F] float32, mask [B, Tmax] float32), right-padded
         with zeros; ``Tmax`` = the longest selected row, or ``pad_to`` (>= it) for fixed shapes
-        (``pad_to=store.max_len`` gives one shape for every batch)."""
+        (``pad_to=store.max_len`` gives one shape for every batch). ``columns`` (an int index
+        array into [0, F)): only those features, in that order (F becomes ``len(columns)``;
+        only they are converted)."""
+        cols = None
+        if columns is not None:
+            cols = np.asarray(columns)
+            if (cols.ndim != 1 or cols.size == 0 or not np.issubdtype(cols.dtype, np.integer)
+                    or cols.min() < 0 or cols.max() >= self.feature_dim):
+                raise ValueError(f"columns: expected a non-empty 1-D int array of indices in [0, {self.feature_dim}), "
+                                 f"got {cols.dtype} {cols.shape}")
         idx = np.asarray(indices)
         if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
             raise ValueError(f"indices: expected a non-empty 1-D integer array, got {idx.dtype} {idx.shape}")
@@ -577,11 +587,11 @@ class FeatureStore:
         t = longest if pad_to is None else pad_to
         if not _is_int(t) or t < longest:
             raise ValueError(f"pad_to: expected an int >= the longest selected row ({longest}), got {pad_to!r}")
-        out = np.zeros((idx.size, int(t), self.feature_dim), np.float32)
+        out = np.zeros((idx.size, int(t), self.feature_dim if cols is None else cols.size), np.float32)
         mask = np.zeros((idx.size, int(t)), np.float32)
         for j, i in enumerate(idx):
             r = self.row_bits(int(i))
-            out[j, : r.shape[0]] = from_bf16_bits(r)
+            out[j, : r.shape[0]] = from_bf16_bits(r if cols is None else r[:, cols])
             mask[j, : r.shape[0]] = 1.0
         return out, mask
 

@@ -79,6 +79,10 @@ def test_round_trip_ragged_rows_across_shards(tmp_path):
         assert np.all(x[j, n:] == 0) and np.all(m[j, :n] == 1) and np.all(m[j, n:] == 0)
     x2, _ = st.batch(np.array([1]), pad_to=st.max_len)
     assert x2.shape == (1, 7, F_DIM)
+    cols = np.array([F_DIM - 1, 0])  # a column subset, in the order asked
+    x3, m3 = st.batch(idx, columns=cols)
+    np.testing.assert_array_equal(x3, x[..., cols])
+    np.testing.assert_array_equal(m3, m)
     assert _leftovers(tmp_path) == []
 
 
@@ -309,3 +313,6 @@ def test_bad_constructor_and_batch_args(tmp_path):
         st.batch([2], pad_to=3)
     with pytest.raises(ValueError, match="indices"):
         st.batch([])
+    for bad in ([F_DIM], [-1], [], [[0]]):
+        with pytest.raises(ValueError, match="columns: expected"):
+            st.batch([0], columns=np.array(bad, int))

@@ -29,6 +29,7 @@ end-of-turn token included); :func:`extract` zeroes the features elsewhere.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
@@ -58,10 +59,13 @@ __all__ = [
     "response_rows",
     "pad_rows",
     "write_store",
+    "write_stores",
+    "extract_many",
     "fold_head",
     "fused_projections",
     "fused_scores",
     "fused_scores_batched",
+    "fused_scores_many",
     "ScoredGeneration",
     "generate_with_scores",
 ]
@@ -241,16 +245,38 @@ def _check_head(params, spec: FeatureSpec, cfg: ModelConfig) -> int:
 # ----------------------------------------------------------------------------- extraction
 
 
-def _features(model, ids, attn, resp, spec: FeatureSpec, layers):
-    """Traced body of :func:`extract`: [B, T, F] float32, zero outside the response mask."""
-    if spec.mode == "hidden":
-        _, inter = nnx.capture(model, HiddenState)(
-            ids, attn, taps=Taps(layers=layers, apply_norm=spec.apply_norm), compute_logits=False)
-        flat = nnx.to_pure_dict(inter)
-        x = jnp.concatenate([flat[f"state_{i:03d}"][0].astype(jnp.float32) for i in layers], axis=-1)
-    else:
-        x = _logit_feats(model(ids, attn).logits, ids, spec)
-    return jnp.where(resp[..., None] > 0, x, 0.0)
+def _features_many(model, ids, attn, resp, specs, layers_each):
+    """Traced body of :func:`extract_many`: one forward, a tuple of [B, T, F_s] float32 (one per
+    spec), zero outside the response mask. The forward sows the raw states of the union of the
+    hidden specs' layers (the final norm is applied per spec afterwards, the same function the
+    forward would apply) and computes the logits only when a logits-mode spec needs them."""
+    states, logits = _sown(model, ids, attn, specs, layers_each)
+    outs = []
+    for spec, layers in zip(specs, layers_each):
+        if spec.mode == "hidden":
+            x = jnp.concatenate([_tap(model, states[i], spec.apply_norm) for i in layers], axis=-1)
+        else:
+            x = _logit_feats(logits, ids, spec)
+        outs.append(jnp.where(resp[..., None] > 0, x, 0.0))
+    return tuple(outs)
+
+
+def _sown(model, ids, attn, specs, layers_each):
+    """Traced: one forward -> ({i: raw state [B, T, D]} for the union of the hidden specs' layers,
+    logits [B, T, V] or None when no spec reads them)."""
+    hidden = sorted({i for s, ls in zip(specs, layers_each) if s.mode == "hidden" for i in ls})
+    need_logits = any(s.mode != "hidden" for s in specs)
+    if not hidden:
+        return {}, model(ids, attn).logits if need_logits else None
+    out, inter = nnx.capture(model, HiddenState)(ids, attn, taps=Taps(layers=tuple(hidden)),
+                                                 compute_logits=need_logits)
+    flat = nnx.to_pure_dict(inter)
+    return {i: flat[f"state_{i:03d}"][0] for i in hidden}, out.logits
+
+
+def _tap(model, h, apply_norm: bool):
+    """A sown raw state as a float32 feature block (through the final norm when asked)."""
+    return (model.final_norm(h) if apply_norm else h).astype(jnp.float32)
 
 
 def token_logprob_features(logits, ids, k: int = 0):
@@ -280,10 +306,10 @@ def _split_rows(*xs):
     return tuple(parallel.constrain(x, "batch", None) for x in xs)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "layers"))
-def _extract(state, ids, attn, resp, *, graphdef, spec, layers):
+@functools.partial(jax.jit, static_argnames=("graphdef", "specs", "layers"))
+def _extract_many(state, ids, attn, resp, *, graphdef, specs, layers):
     ids, attn, resp = _split_rows(ids, attn, resp)
-    return _features(nnx.merge(graphdef, state), ids, attn, resp, spec, layers)
+    return _features_many(nnx.merge(graphdef, state), ids, attn, resp, specs, layers)
 
 
 def _layers_or_empty(spec: FeatureSpec, cfg: ModelConfig) -> tuple[int, ...]:
@@ -297,13 +323,27 @@ def extract(model, ids, attention_mask, response_mask, spec: FeatureSpec) -> jax
     token). Returns features [B, T, F] float32 (F = :func:`feature_dim`), zero at positions
     outside ``response_mask``. Jitted per (model structure, spec, shape).
     """
+    return extract_many(model, ids, attention_mask, response_mask, (spec,))[0]
+
+
+def _check_specs(specs, cfg: ModelConfig) -> tuple[tuple[FeatureSpec, ...], tuple[tuple[int, ...], ...]]:
+    if isinstance(specs, FeatureSpec) or not isinstance(specs, Sequence) or not specs:
+        raise ValueError(f"specs: expected a non-empty sequence of FeatureSpec, got {specs!r}")
+    specs = tuple(_check_spec(s) for s in specs)
+    for s in specs:
+        feature_dim(s, cfg)
+    return specs, tuple(_layers_or_empty(s, cfg) for s in specs)
+
+
+def extract_many(model, ids, attention_mask, response_mask, specs: Sequence[FeatureSpec]) -> tuple[jax.Array, ...]:
+    """The features of several specs from ONE forward: a tuple of [B, T, F_s] float32, equal to
+    :func:`extract` per spec (all-layer raw states, a few normed subsets and the token
+    log-probs cost one forward, not one each)."""
     cfg = _model_cfg(model)
-    _check_spec(spec)
-    feature_dim(spec, cfg)
+    specs, layers = _check_specs(specs, cfg)
     ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
     graphdef, state = nnx.split(model)
-    return _extract(state, ids, attn, resp, graphdef=graphdef, spec=spec,
-                    layers=_layers_or_empty(spec, cfg))
+    return _extract_many(state, ids, attn, resp, graphdef=graphdef, specs=specs, layers=layers)
 
 
 class FeatureBatch(NamedTuple):
@@ -351,20 +391,26 @@ def iter_feature_batches(model, ids, attention_mask, response_mask, spec: Featur
     which rows, ``start`` which columns); only one batch of features is alive at a time if the
     caller drops it (streaming recomputation, or feeding a feature store).
     """
+    for rows, feats, mask, start in _iter_many(model, ids, attention_mask, response_mask, (spec,), batch_size,
+                                               bucket=bucket, window=window, progress=progress):
+        yield FeatureBatch(rows=rows, features=feats[0], mask=mask, start=start)
+
+
+def _iter_many(model, ids, attention_mask, response_mask, specs, batch_size, *, bucket, window, progress):
+    """:func:`iter_feature_batches` for several specs from one forward per batch: yields
+    (rows, (features per spec), mask, start). Checks everything before the first forward."""
     cfg = _model_cfg(model)
-    _check_spec(spec)
-    feature_dim(spec, cfg)
+    specs, layers = _check_specs(specs, cfg)
     batch_size = _check_batch_size(batch_size)
     ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
     batches = length_batches(attn, batch_size, bucket=bucket, window=window)
     graphdef, state = nnx.split(model)
-    layers = _layers_or_empty(spec, cfg)
     for rows, start, width in _progress(batches, len(batches), progress, "features"):
         cols = slice(start, start + width)
         m = take(resp, rows)[:, cols] * (rows >= 0)[:, None]
-        x = _extract(state, take(ids, rows)[:, cols], take(attn, rows)[:, cols], m, graphdef=graphdef,
-                     spec=spec, layers=layers)
-        yield FeatureBatch(rows=rows, features=x, mask=m, start=start)
+        x = _extract_many(state, take(ids, rows)[:, cols], take(attn, rows)[:, cols], m, graphdef=graphdef,
+                          specs=specs, layers=layers)
+        yield rows, x, m, start
 
 
 def response_rows(features, mask) -> list[np.ndarray]:
@@ -413,11 +459,28 @@ def write_store(path, model, spec: FeatureSpec, ids, attention_mask, response_ma
     consecutive rows (:func:`iter_feature_batches`) and written in row order, so the store's
     row i is candidate i. Peak memory: one window of response-token features plus the writer's
     shard buffer."""
+    return write_stores([path], model, [spec], ids, attention_mask, response_mask, labels, group_ids,
+                        batch_size=batch_size, window_batches=window_batches, metas=[meta], progress=progress,
+                        **writer_kw)[0]
+
+
+def write_stores(paths: Sequence, model, specs: Sequence[FeatureSpec], ids, attention_mask, response_mask,
+                 labels, group_ids, *, batch_size: int = 32, window_batches: int = 16,
+                 metas: Sequence[Mapping | None] | None = None, progress: bool = False, **writer_kw) -> list:
+    """:func:`write_store` for several specs from ONE forward per batch: store ``paths[s]`` holds
+    the features of ``specs[s]`` (with ``metas[s]``). Every store is written whole or not at all:
+    an error in any of them aborts them all. Returns the stores' paths."""
     from swiftjax.data.store import FeatureStoreWriter
 
     cfg = _model_cfg(model)
-    f = feature_dim(spec, cfg)
-    _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)  # before the writer opens
+    specs, _ = _check_specs(specs, cfg)
+    paths = list(paths)
+    metas = [None] * len(specs) if metas is None else list(metas)
+    if len(paths) != len(specs) or len(metas) != len(specs):
+        raise ValueError(f"paths, metas: expected one per spec ({len(specs)}), got {len(paths)} and {len(metas)}")
+    if len({str(p) for p in paths}) != len(paths):
+        raise ValueError(f"paths: expected distinct store paths, got {[str(p) for p in paths]}")
+    _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)  # before any writer opens
     batch_size = _check_batch_size(batch_size)
     if not _is_int(window_batches) or window_batches < 1:
         raise ValueError(f"window_batches: expected a positive int, got {window_batches!r}")
@@ -427,24 +490,27 @@ def write_store(path, model, spec: FeatureSpec, ids, attention_mask, response_ma
     if labels.shape != (n,) or group_ids.shape != (n,):
         raise ValueError(f"labels, group_ids: expected shape ({n},) (one per row of ids), "
                          f"got {labels.shape} and {group_ids.shape}")
-    info = {"model_type": cfg.model_type, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-            **dict(meta or {})}
-    pending: dict[int, np.ndarray] = {}
+    info = {"model_type": cfg.model_type, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size}
+    pending: dict[int, list[np.ndarray]] = {}
     done = 0
-    with FeatureStoreWriter(path, f, spec.to_dict(), meta=info, **writer_kw) as w:
-        for fb in iter_feature_batches(model, ids, attention_mask, response_mask, spec, batch_size,
-                                       window=window_batches * batch_size, progress=progress):
-            keep = fb.rows >= 0
-            pending.update(zip(fb.rows[keep].tolist(),
-                               response_rows(jax.device_get(fb.features)[keep], fb.mask[keep])))
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(FeatureStoreWriter(p, feature_dim(s, cfg), s.to_dict(),
+                                                          meta={**info, **dict(m or {})}, **writer_kw))
+                   for p, s, m in zip(paths, specs, metas)]
+        for rows, feats, mask, _ in _iter_many(model, ids, attention_mask, response_mask, specs, batch_size,
+                                               bucket=64, window=window_batches * batch_size, progress=progress):
+            keep = rows >= 0
+            per_spec = [response_rows(jax.device_get(x)[keep], mask[keep]) for x in feats]
+            pending.update(zip(rows[keep].tolist(), zip(*per_spec)))
             run = []
             while done + len(run) in pending:
                 run.append(pending.pop(done + len(run)))
             if run:
                 sel = np.arange(done, done + len(run))
-                w.add(run, labels=labels[sel], group_ids=group_ids[sel])
+                for w, rows_s in zip(writers, zip(*run)):
+                    w.add(list(rows_s), labels=labels[sel], group_ids=group_ids[sel])
                 done += len(run)
-    return w.path
+    return [w.path for w in writers]
 
 
 # ----------------------------------------------------------------------------- fused scoring
@@ -531,8 +597,8 @@ def fused_scores_batched(model, params, spec: FeatureSpec, ids, attention_mask, 
     """:func:`fused_scores` over a whole set [N, T] -> [N] float32, in length-sorted batches cut to
     the columns their rows use (widths rounded up to ``bucket``: a few compilations, no work on
     padding; None: full width in row order, one compilation)."""
-    return _over_batches(_fused, False, "score", model, params, spec, ids, attention_mask, response_mask,
-                         batch_size, progress, bucket)
+    return _over_head_batches(_fused, False, "score", model, params, spec, ids, attention_mask, response_mask,
+                              batch_size, progress, bucket)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "layers"))
@@ -548,34 +614,83 @@ def fused_prefix_scores_batched(model, params, spec: FeatureSpec, ids, attention
     """[N, T] the SWIFT score of every response prefix of teacher-forced rows (entry t: the
     response up to position t; what decoding's running score reads after that token). Read it
     at response positions: columns outside a batch's span of real tokens are not computed (0)."""
-    return _over_batches(_fused_prefix, True, "prefix scores", model, params, spec, ids,
-                         attention_mask, response_mask, batch_size, progress, bucket)
+    return _over_head_batches(_fused_prefix, True, "prefix scores", model, params, spec, ids,
+                              attention_mask, response_mask, batch_size, progress, bucket)
 
 
-def _over_batches(fn, per_token: bool, label: str, model, params, spec, ids, attention_mask, response_mask,
-                  batch_size, progress, bucket) -> np.ndarray:
-    """Checked inputs, then the jitted ``fn`` over length-sorted batches cut to their columns
-    (:func:`swiftjax.batching.length_batches`) -> [N] or [N, T] float32 in row order."""
+def _over_head_batches(fn, per_token: bool, label: str, model, params, spec, ids, attention_mask, response_mask,
+                       batch_size, progress, bucket) -> np.ndarray:
+    """Checked inputs, then the jitted ``fn`` of one head over the whole set (:func:`_over_batches`)."""
     cfg = _model_cfg(model)
     _check_spec(spec)
     _check_head(params, spec, cfg)
     batch_size = _check_batch_size(batch_size)
     ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
-    batches = length_batches(attn, batch_size, bucket=bucket)
     graphdef, state = nnx.split(model)
     layers = _layers_or_empty(spec, cfg)
+    return _over_batches(lambda i, a, r: fn(state, params, i, a, r, graphdef=graphdef, spec=spec, layers=layers),
+                         (), per_token, label, ids, attn, resp, batch_size, progress, bucket)
+
+
+def _over_batches(call, lead: tuple, per_token: bool, label: str, ids, attn, resp, batch_size, progress,
+                  bucket) -> np.ndarray:
+    """``call(ids, attn, resp)`` -> [*lead, b] (or [*lead, b, w] when ``per_token``) over
+    length-sorted batches cut to their columns (:func:`swiftjax.batching.length_batches`),
+    gathered into [*lead, N] (or [*lead, N, T]) float32 in row order."""
+    batches = length_batches(attn, batch_size, bucket=bucket)
     n = ids.shape[0]
-    out = np.zeros((n, ids.shape[1]) if per_token else (n,), np.float32)
+    out = np.zeros(tuple(lead) + ((n, ids.shape[1]) if per_token else (n,)), np.float32)
     for rows, start, width in _progress(batches, len(batches), progress, label):
         cols = slice(start, start + width)
-        s = fn(state, params, take(ids, rows)[:, cols], take(attn, rows)[:, cols], take(resp, rows)[:, cols],
-               graphdef=graphdef, spec=spec, layers=layers)
+        s = np.asarray(call(take(ids, rows)[:, cols], take(attn, rows)[:, cols], take(resp, rows)[:, cols]))
         keep = rows >= 0
         if per_token:
-            out[rows[keep], cols] = np.asarray(s)[keep]
+            out[..., rows[keep], cols] = s[..., keep, :]
         else:
-            out[rows[keep]] = np.asarray(s)[keep]
+            out[..., rows[keep]] = s[..., keep]
     return out
+
+
+def _head_projection(model, params, spec: FeatureSpec, layers, states, logits, ids):
+    """Traced: [B, T, C] = the head over one spec's features, from sown raw states / logits."""
+    if spec.mode == "hidden":
+        proj = params["bias"].astype(jnp.float32)
+        for i, w in zip(layers, swift.split_kernel(params, model.config.hidden_size)):
+            proj = proj + jnp.einsum("btd,dk->btk", _tap(model, states[i], spec.apply_norm), w.astype(jnp.float32))
+        return proj
+    x = _logit_feats(logits, ids, spec)
+    return jnp.einsum("btf,fc->btc", x, params["kernel"].astype(jnp.float32)) + params["bias"].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "specs", "layers"))
+def _fused_many(state, heads, ids, attn, resp, *, graphdef, specs, layers):
+    ids, attn, resp = _split_rows(ids, attn, resp)
+    model = nnx.merge(graphdef, state)
+    states, logits = _sown(model, ids, attn, specs, layers)
+    return jnp.stack([swift.score_from_projections(_head_projection(model, p, s, ls, states, logits, ids), resp)
+                      for p, s, ls in zip(heads, specs, layers)])
+
+
+def fused_scores_many(model, heads: Sequence[tuple[Any, FeatureSpec]], ids, attention_mask, response_mask,
+                      batch_size: int = 32, *, bucket: int | None = 64, progress: bool = False) -> np.ndarray:
+    """The scores of several SWIFT heads (``(params, spec)`` pairs, any mix of specs) over a whole
+    set from ONE forward per batch -> [H, N] float32, each row equal to
+    :func:`fused_scores_batched` of that head. The forward sows the raw states of the union of
+    the heads' layers (each head applies the final norm itself when its spec asks) and the
+    logits when a logits-mode head needs them; memory per batch: those states, [B, T, D] each."""
+    cfg = _model_cfg(model)
+    if not isinstance(heads, Sequence) or not heads or not all(isinstance(h, tuple) and len(h) == 2 for h in heads):
+        raise ValueError("heads: expected a non-empty sequence of (params, FeatureSpec) pairs")
+    specs, layers = _check_specs([s for _, s in heads], cfg)
+    for p, s in heads:
+        _check_head(p, s, cfg)
+    batch_size = _check_batch_size(batch_size)
+    ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
+    graphdef, state = nnx.split(model)
+    params = tuple(p for p, _ in heads)
+    return _over_batches(lambda i, a, r: _fused_many(state, params, i, a, r, graphdef=graphdef, specs=specs,
+                                                     layers=layers),
+                         (len(heads),), False, "scores", ids, attn, resp, batch_size, progress, bucket)
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -4,6 +4,7 @@
     swiftjax swift train CONFIG [k=v ...]   # sample the train split (if needed), train OUT/head
     swiftjax swift score CONFIG head=DIR [candidates=FILE]   # fused scores -> *_scored.jsonl
     swiftjax swift bon   SCORED.jsonl [--ks 1,2,4]           # Best-of-N table of a scored set
+    swiftjax swift study CONFIG [k=v ...]    # many feature variants, one head each (study.py)
     swiftjax sample      CONFIG [split=test|train|both]      # only the candidate sets
 
 ``make demo`` is ``swiftjax swift run configs/demo.yaml`` (the world task on the shipped world
@@ -38,7 +39,7 @@ from swiftjax.methods.swift.train import SwiftTrainConfig, train_head
 from swiftjax.sample import SamplingSection, candidate_set, check_writable, digest
 from swiftjax.tasks import TaskConfig, make_task
 
-__all__ = ["SwiftRunConfig", "run", "feature_store_for", "train_on_store", "score_rows", "in_group_order",
+__all__ = ["SwiftRunConfig", "run", "feature_store_for", "feature_stores_for", "train_on_store", "score_rows", "in_group_order",
            "groups_of", "main", "sample_main"]
 
 
@@ -131,28 +132,45 @@ def feature_store_for(backbone: Backbone, rows, spec: feats.FeatureSpec, out: Pa
                       batch_size: int, progress: bool, log=print):
     """The feature store of a candidate set's response tokens, reused when one exists for the
     same backbone, rows (prompts and token ids) and spec (a half-written or corrupt one is rebuilt)."""
+    stores, ids_, arr = feature_stores_for(backbone, rows, [spec], out, max_len=max_len, batch_size=batch_size,
+                                           progress=progress, log=log)
+    return stores[0], ids_, arr
+
+
+def feature_stores_for(backbone: Backbone, rows, specs, out: Path, *, max_len: int, batch_size: int,
+                       progress: bool, log=print):
+    """:func:`feature_store_for` of several specs: the stores that do not exist yet are written
+    from ONE forward over the set (:func:`swiftjax.methods.swift.features.write_stores`).
+    Returns (stores in spec order, prompt ids, grouped arrays)."""
     ids_, arr = cands.group(rows)
     ordered = in_group_order(rows, ids_)
-    key = {"model": backbone.digest, "rows": digest([(r["prompt"], r["token_ids"]) for r in ordered]),
-           "spec": spec.to_dict(), "max_len": max_len}
-    path = Path(out) / f"features_{digest(key)}"
-    try:
-        store = FeatureStore(path)
-        if store.meta.get("key") == key:
-            log(f"reusing {path}")
-            return store, ids_, arr
-    except ValueError:
-        pass
-    t0 = time.time()
-    ids, attn, resp = encode_rows(backbone, ordered, max_len)
-    n = arr["correct"].shape[1]
-    feats.write_store(path, backbone.model, spec, ids, attn, resp, arr["correct"].reshape(-1).astype(np.float32),
-                      np.repeat(np.arange(len(ids_)), n), batch_size=batch_size, progress=progress,
-                      overwrite=True, meta={"key": key, "model": backbone.describe()})
-    store = FeatureStore(path)
-    log(f"extracted features of {len(store)} candidates ({store.num_tokens} response tokens, "
-        f"F={store.feature_dim}) -> {path} in {time.time() - t0:.0f}s")
-    return store, ids_, arr
+    rows_key = digest([(r["prompt"], r["token_ids"]) for r in ordered])
+    keys = [{"model": backbone.digest, "rows": rows_key, "spec": s.to_dict(), "max_len": max_len} for s in specs]
+    paths = [Path(out) / f"features_{digest(k)}" for k in keys]
+    stores: dict[int, FeatureStore] = {}
+    for i, (path, key) in enumerate(zip(paths, keys)):
+        try:
+            store = FeatureStore(path)
+            if store.meta.get("key") == key:
+                log(f"reusing {path}")
+                stores[i] = store
+        except ValueError:
+            pass
+    todo = [i for i in range(len(specs)) if i not in stores]
+    if todo:
+        t0 = time.time()
+        ids, attn, resp = encode_rows(backbone, ordered, max_len)
+        n = arr["correct"].shape[1]
+        feats.write_stores([paths[i] for i in todo], backbone.model, [specs[i] for i in todo], ids, attn, resp,
+                           arr["correct"].reshape(-1).astype(np.float32), np.repeat(np.arange(len(ids_)), n),
+                           batch_size=batch_size, progress=progress, overwrite=True,
+                           metas=[{"key": keys[i], "model": backbone.describe()} for i in todo])
+        for i in todo:
+            stores[i] = FeatureStore(paths[i])
+            log(f"extracted features of {len(stores[i])} candidates ({stores[i].num_tokens} response tokens, "
+                f"F={stores[i].feature_dim}) -> {paths[i]}")
+        log(f"one forward wrote {len(todo)} feature store(s) in {time.time() - t0:.0f}s")
+    return [stores[i] for i in range(len(specs))], ids_, arr
 
 
 def train_on_store(store, correct, cfg: SwiftRunConfig, *, log=print):
@@ -516,12 +534,16 @@ def sample_main(argv) -> int:
 
 def main(argv) -> int:
     """``swiftjax swift run|train|score|bon ...``"""
-    subs = ("run", "train", "score", "bon")
+    subs = ("run", "train", "score", "bon", "study")
     if not argv or argv[0] not in subs:
         raise ValueError(f"swift: expected a subcommand, one of {', '.join(subs)} (swiftjax swift run CONFIG ...)")
     sub, rest = argv[0], list(argv[1:])
     if sub == "bon":
         return bon_main(rest)
+    if sub == "study":
+        from swiftjax.methods.swift import study
+
+        return study.main(rest)
     if sub == "score" and "--refine" in rest:
         from swiftjax.methods.ebrm.pipeline import score_refine_main
 

@@ -4,8 +4,8 @@ better validation loss) on the generic optax loop. Unlike the reference, the *be
 validation weights are returned (the reference keeps a reference to, not a copy of, them).
 
 Features come from a *source*: any object with ``feature_dim``, ``max_len`` and
-``batch(indices, pad_to) -> (features [B, T, F], mask [B, T])`` — the on-disk :class:`swiftjax.data.store.FeatureStore` or the in-memory
-:class:`ArraySource`. Rows are candidates; ``groups`` [G, K] holds the row index of each
+``batch(indices, pad_to) -> (features [B, T, F], mask [B, T])`` — the on-disk :class:`swiftjax.data.store.FeatureStore`, the in-memory
+:class:`ArraySource`, or a :class:`LayerView` of either (a layer subset, optionally normed). Rows are candidates; ``groups`` [G, K] holds the row index of each
 rollout of each group (a group = one problem's K rollouts), ``labels`` [G, K] correctness.
 """
 from __future__ import annotations
@@ -54,11 +54,49 @@ class ArraySource:
     def __len__(self):
         return self.features.shape[0]
 
-    def batch(self, indices, pad_to=None):
+    def batch(self, indices, pad_to=None, *, columns=None):
         if pad_to not in (None, self.max_len):
             raise ValueError(f"pad_to: expected None or {self.max_len}, got {pad_to}")
         idx = np.asarray(indices)
-        return np.asarray(self.features[idx], np.float32), np.asarray(self.mask[idx])
+        x = self.features[idx] if columns is None else self.features[idx][..., np.asarray(columns)]
+        return np.asarray(x, np.float32), np.asarray(self.mask[idx])
+
+
+class LayerView:
+    """A hidden-state feature source cut from a wider one.
+
+    source: a source whose features are the blocks of ``source_layers`` (each ``d`` wide, in
+    index order: a ``'hidden'`` store without the final norm) and whose ``batch`` accepts
+    ``columns``; layers: the subset to serve (index order, as a spec concatenates them); norm:
+    None, or the model's final norm ([..., d] -> [..., d]) applied to each block after reading.
+    One all-layer raw store thus serves every layer subset with and without the norm (the norm
+    then sees the bf16-rounded stored states; a store written normed would round after it)."""
+
+    def __init__(self, source, source_layers, layers, d: int, norm=None):
+        source_layers, layers = tuple(source_layers), tuple(sorted(layers))
+        if source.feature_dim != len(source_layers) * d:
+            raise ValueError(f"source: expected {len(source_layers)} blocks of d={d} features "
+                             f"({len(source_layers) * d}), got feature_dim {source.feature_dim}")
+        missing = sorted(set(layers) - set(source_layers))
+        if not layers or missing:
+            raise ValueError(f"layers: expected a non-empty subset of the source's layers {list(source_layers)}, "
+                             f"missing {missing}")
+        pos = {l: j for j, l in enumerate(source_layers)}
+        self.source, self.d, self.norm = source, d, norm
+        self.columns = np.concatenate([np.arange(pos[l] * d, (pos[l] + 1) * d) for l in layers])
+        self.feature_dim = len(layers) * d
+        self.max_len = source.max_len
+
+    def __len__(self):
+        return len(self.source)
+
+    def batch(self, indices, pad_to=None):
+        x, m = self.source.batch(indices, pad_to, columns=self.columns)
+        if self.norm is not None:
+            b, t, f = x.shape
+            x = np.asarray(self.norm(jnp.asarray(x.reshape(b, t, f // self.d, self.d))), np.float32)
+            x = x.reshape(b, t, f) * m[..., None]
+        return x, m
 
 
 def split_groups(num_groups: int, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,4 +219,4 @@ def score_rows(params, source, rows, batch_size: int = 256) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-__all__ = ["SwiftTrainConfig", "ArraySource", "split_groups", "train_head", "score_rows"]
+__all__ = ["SwiftTrainConfig", "ArraySource", "LayerView", "split_groups", "train_head", "score_rows"]

@@ -12,6 +12,7 @@ import swiftjax
 from swiftjax.methods.swift import features as F
 from swiftjax.methods.swift import head as swift
 from swiftjax.data.store import FeatureStore
+from swiftjax.methods.swift.train import LayerView
 from swiftjax.sampling import SamplingConfig, generate
 from hf_tiny import tiny_hf_model
 
@@ -169,7 +170,7 @@ def test_batches_cover_the_set_with_one_compilation(models):
     ids, attn, resp = (np.concatenate([a, a[::-1]], 0)[:5] for a in (ids, attn, resp))
     spec = F.FeatureSpec(layers=(1, 2))
     whole = np.asarray(F.extract(model, ids, attn, resp, spec))
-    before = F._extract._cache_size()
+    before = F._extract_many._cache_size()
     seen = []
     for fb in F.iter_feature_batches(model, ids, attn, resp, spec, batch_size=2):
         assert fb.features.shape == (2, ids.shape[1], F.feature_dim(spec, cfg))
@@ -181,7 +182,7 @@ def test_batches_cover_the_set_with_one_compilation(models):
             np.testing.assert_allclose(np.asarray(fb.features[j]), whole[r], atol=1e-5)
             np.testing.assert_array_equal(fb.mask[j], resp[r])
     assert sorted(seen) == list(range(5))
-    assert F._extract._cache_size() - before <= 1  # batches of 2, padded last: one shape
+    assert F._extract_many._cache_size() - before <= 1  # batches of 2, padded last: one shape
 
 
 def _ragged_set(seed=0, n=9, t=40, vocab=97):
@@ -234,6 +235,72 @@ def test_length_bucketed_batches_equal_the_full_width_forward(models, tmp_path):
     np.testing.assert_array_equal(st.group_ids, np.arange(len(ids)))
     for r in range(len(ids)):
         np.testing.assert_allclose(st.row(r), whole[r][resp[r] > 0], rtol=2.0 ** -8, atol=1e-30)
+
+
+def test_one_forward_serves_several_specs_stores_and_heads(models, tmp_path):
+    """extract_many / write_stores / fused_scores_many (one forward for every spec or head)
+    equal the one-spec functions and a numpy head, on ragged rows in length-sorted batches."""
+    _, model, cfg = models("llama")
+    ids, attn, resp = _ragged_set(seed=2)
+    last = cfg.num_layers
+    specs = [F.FeatureSpec(), F.FeatureSpec(layers=(last, 0), apply_norm=True), F.FeatureSpec(layers=(1,)),
+             F.FeatureSpec(mode="token_logprobs", k=3), F.FeatureSpec(mode="topk_logprobs", k=4)]
+    each = [np.asarray(F.extract(model, ids, attn, resp, s)) for s in specs]
+    many = F.extract_many(model, ids, attn, resp, specs)
+    assert len(many) == len(specs)
+    for got, ref in zip(many, each):
+        np.testing.assert_allclose(np.asarray(got), ref, atol=1e-6, rtol=1e-6)
+    # the normed subset is the raw all-layer features' blocks through the final norm
+    d = cfg.hidden_size
+    raw = each[0].reshape(*ids.shape, last + 1, d)
+    normed = np.concatenate([np.asarray(model.final_norm(jnp.asarray(raw[..., i, :]))) for i in (0, last)], -1)
+    on = resp > 0
+    np.testing.assert_allclose(each[1][on], normed[on], atol=1e-5, rtol=1e-5)
+
+    stored = [0, 2, 3]
+    paths = F.write_stores([tmp_path / f"s{i}" for i in stored], model, [specs[i] for i in stored], ids, attn, resp,
+                           np.arange(len(ids)) % 2, np.arange(len(ids)) // 2, batch_size=2, window_batches=2,
+                           metas=[{"i": i} for i in stored], shard_rows=4)
+    for i, path in zip(stored, paths):
+        st = FeatureStore(path)
+        assert st.meta["i"] == i and F.FeatureSpec.from_dict(st.spec) == specs[i]
+        for r in range(len(ids)):
+            np.testing.assert_allclose(st.row(r), each[i][r][on[r]], rtol=2.0 ** -8, atol=1e-6)  # bf16, batching
+    # the all-layer raw store serves the normed subset and the one-layer subset (LayerView)
+    full = FeatureStore(paths[0])
+    norm = jax.jit(model.final_norm)
+    for view, ref in ((LayerView(full, range(last + 1), (last, 0), d, norm=norm), each[1]),
+                      (LayerView(full, range(last + 1), (1,), d), each[2])):
+        x, m = view.batch(np.arange(len(ids)))
+        assert view.feature_dim == ref.shape[-1] and len(view) == len(ids)
+        for r in range(len(ids)):
+            n = int(on[r].sum())
+            # bf16 keeps 8 significant bits (relative error <= 2^-8); the norm adds its own rms's
+            np.testing.assert_allclose(x[r, :n], ref[r][on[r]], rtol=2.0 ** -7, atol=1e-6)
+            assert np.all(x[r, n:] == 0) and m[r].sum() == n
+    with pytest.raises(ValueError, match="layers: expected a non-empty subset"):
+        LayerView(full, range(last + 1), (last + 1,), d)
+    with pytest.raises(ValueError, match="source: expected"):
+        LayerView(full, range(last), (0,), d)
+
+    heads = [(_head(s, cfg, gated=i % 2 == 0, seed=i), s) for i, s in enumerate(specs)]
+    got = F.fused_scores_many(model, heads, ids, attn, resp, batch_size=3, bucket=8)
+    assert got.shape == (len(specs), len(ids))
+    for (p, s), g, x in zip(heads, got, each):
+        np.testing.assert_allclose(g, np_score(p["kernel"], p["bias"], x, resp), atol=FUSED_TOL, rtol=FUSED_TOL)
+        assert np.ptp(g) > 1e-3
+    np.testing.assert_allclose(got[1], F.fused_scores_batched(model, *heads[1], ids, attn, resp, batch_size=3),
+                               atol=FUSED_TOL, rtol=FUSED_TOL)
+    with pytest.raises(ValueError, match="heads: expected a non-empty sequence"):
+        F.fused_scores_many(model, [], ids, attn, resp)
+    with pytest.raises(ValueError, match="params\\['kernel'\\]: expected"):
+        F.fused_scores_many(model, [(heads[0][0], specs[1])], ids, attn, resp)
+    with pytest.raises(ValueError, match="specs: expected a non-empty sequence"):
+        F.extract_many(model, ids, attn, resp, specs[0])
+    with pytest.raises(ValueError, match="paths: expected distinct"):
+        F.write_stores([tmp_path / "x", tmp_path / "x"], model, specs[:2], ids, attn, resp, np.zeros(len(ids)),
+                       np.zeros(len(ids), int))
+    assert not (tmp_path / "x").exists()
 
 
 def test_response_rows_and_pad_rows_round_trip():

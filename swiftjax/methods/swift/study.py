@@ -1,0 +1,288 @@
+"""A SWIFT feature study: many heads on one backbone and task, from two forwards.
+
+    swiftjax swift study CONFIG [k=v ...]     # writes OUT/study.json and OUT/study.md
+
+Each *variant* (a name and a :class:`~swiftjax.methods.swift.features.FeatureSpec`) gets its own
+head, trained on the train candidates only, and is scored on the test candidates; the table puts
+every variant and every confidence score the sampler recorded under every selection rule, over
+random k-subsets with standard errors (:func:`swiftjax.selection.selection_table`).
+
+What it costs: ONE teacher-forced forward over the train candidates writes every feature store
+the variants need (:func:`store_plan`: one store of the raw states of the union of the hidden
+variants' layers, which serves every layer subset with and without the final norm through
+:class:`~swiftjax.methods.swift.train.LayerView`, plus one store per logits-mode spec), and ONE
+forward over the test candidates scores every head
+(:func:`~swiftjax.methods.swift.features.fused_scores_many`). On a 2-core CPU that forward is
+the cost of a stage; a study of k variants no longer pays it k times.
+
+Every stage is reused when rerun with the same inputs, so a killed study continues: stores by
+(backbone, rows, spec, width), heads by (their store's key, the variant's spec, the training
+config), test scores by (backbone, rows, width, every head's weights).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from swiftjax import bon
+from swiftjax import selection as selection_mod
+from swiftjax._io import atomic_file
+from swiftjax.config import parse_typed, to_plain
+from swiftjax.data import candidates as cands
+from swiftjax.methods.swift import features as feats
+from swiftjax.methods.swift import pipeline
+from swiftjax.methods.swift import train as train_mod
+from swiftjax.methods.swift.head_io import load_head, save_head
+from swiftjax.parallel import use_mesh
+from swiftjax.sample import check_writable, digest
+from swiftjax.tasks import make_task
+
+__all__ = ["Variant", "SwiftStudyConfig", "store_plan", "run_study", "markdown", "main"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One head of a study: its name (a directory name under OUT/heads) and its features."""
+
+    name: str = ""
+    features: feats.FeatureSpec = feats.FeatureSpec()
+
+    def __post_init__(self):
+        if not _NAME.match(self.name):
+            raise ValueError(f"name: expected letters, digits, '_', '.', '-' (a directory name), got {self.name!r}")
+
+
+DEFAULT_VARIANTS = (
+    Variant("hidden_all", feats.FeatureSpec()),                      # the paper: every state, as sown
+    Variant("hidden_all_norm", feats.FeatureSpec(apply_norm=True)),
+    Variant("token_logprobs", feats.FeatureSpec(mode="token_logprobs", k=4)),
+    Variant("topk_logprobs", feats.FeatureSpec(mode="topk_logprobs", k=16)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SwiftStudyConfig(pipeline.SwiftRunConfig):
+    """A :class:`~swiftjax.methods.swift.pipeline.SwiftRunConfig` (candidates, sampling, training
+    recipe; ``features`` is unused) plus the variants. ``cache``: where the candidates and
+    stores live (e.g. the sampling run's ``out``), so a study reuses them."""
+
+    out: str = "runs/swift_study"
+    variants: tuple[Variant, ...] = DEFAULT_VARIANTS
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.variants:
+            raise ValueError("variants: expected at least one variant")
+        names = [v.name for v in self.variants]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variants: expected distinct names, got {dup} more than once")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a variant's training features come from: store ``store`` (an index into the plan's
+    store specs), cut to ``layers`` (hidden variants; None: the store as is), normed or not."""
+
+    store: int
+    layers: tuple[int, ...] | None = None
+    apply_norm: bool = False
+
+
+def store_plan(specs, num_layers: int) -> tuple[list[feats.FeatureSpec], list[Source]]:
+    """The fewest stores serving every spec: (store specs, one :class:`Source` per spec).
+
+    Hidden specs share one raw store over the union of their layers ('all' when that is every
+    state); logits-mode specs get one store per distinct spec."""
+    hidden = sorted({i for s in specs if s.mode == "hidden" for i in feats.resolve_layers(s, num_layers)})
+    stores: list[feats.FeatureSpec] = []
+    if hidden:
+        union = "all" if hidden == list(range(num_layers + 1)) else tuple(hidden)
+        stores.append(feats.FeatureSpec(layers=union))
+    sources = []
+    for s in specs:
+        if s.mode == "hidden":
+            sources.append(Source(0, feats.resolve_layers(s, num_layers), s.apply_norm))
+        else:
+            if s not in stores:
+                stores.append(s)
+            sources.append(Source(stores.index(s)))
+    return stores, sources
+
+
+def _source(store, store_spec, src: Source, backbone, norm):
+    if src.layers is None:
+        return store
+    cfg = backbone.model.config
+    return train_mod.LayerView(store, feats.resolve_layers(store_spec, cfg.num_layers), src.layers,
+                               cfg.hidden_size, norm=norm if src.apply_norm else None)
+
+
+def _trained_head(cfg: SwiftStudyConfig, variant: Variant, source, store, correct, out: Path, log):
+    """(params, info) of a variant's head: loaded when OUT/heads/NAME was trained on the same
+    store, spec and recipe, else trained (and its in-sample train scores kept in the info)."""
+    key = {"store": store.meta.get("key"), "spec": variant.features.to_dict(), "swift": to_plain(cfg.swift),
+           "rollouts_per_group": cfg.rollouts_per_group}
+    path = out / "heads" / variant.name
+    try:
+        params, spec, meta = load_head(path)
+        if meta.get("info", {}).get("key") == key and spec == variant.features:
+            log(f"{variant.name}: reusing the head in {path}")
+            return params, meta["info"]
+    except ValueError:
+        pass
+    log(f"{variant.name}: training a head on F={source.feature_dim} features")
+    params, info = pipeline.train_on_store(source, correct, cfg, log=log)
+    t0 = time.time()
+    info["train_scores"] = train_mod.score_rows(params, source, np.arange(len(source))).tolist()
+    info["train_scoring_seconds"] = round(time.time() - t0, 1)
+    info["key"] = key
+    save_head(path, params, variant.features, info)
+    return params, info
+
+
+def _test_scores(cfg, backbone, heads, ordered_rows, max_len: int, out: Path, log) -> tuple[np.ndarray, float]:
+    """[H, N] test scores of every head from one forward, cached under OUT by everything they
+    depend on. Returns (scores, seconds spent now)."""
+    key = {"model": backbone.digest, "rows": digest([(r["prompt"], r["token_ids"]) for r in ordered_rows]),
+           "max_len": max_len, "heads": [digest([np.asarray(p["kernel"]).tolist(), np.asarray(p["bias"]).tolist(),
+                                                  s.to_dict()]) for p, s in heads]}
+    path = out / f"test_scores_{digest(key)}.npy"
+    if path.is_file():
+        scores = np.load(path, allow_pickle=False)
+        if scores.shape == (len(heads), len(ordered_rows)) and np.isfinite(scores).all():
+            log(f"reusing {path}")
+            return scores, 0.0
+    t0 = time.time()
+    ids, attn, resp = pipeline.encode_rows(backbone, ordered_rows, max_len)
+    scores = feats.fused_scores_many(backbone.model, heads, ids, attn, resp, batch_size=cfg.extract_batch,
+                                     progress=cfg.progress)
+    with atomic_file(path, "wb") as f:
+        np.save(f, scores)
+    return scores, time.time() - t0
+
+
+def run_study(cfg: SwiftStudyConfig, *, log=print) -> dict:
+    """The whole study; writes OUT/study.json and OUT/study.md and returns the result."""
+    t_start = time.time()
+    out = check_writable(Path(cfg.out), "out")
+    cache = check_writable(Path(cfg.cache), "cache") if cfg.cache else out
+    backbone = pipeline.backbone_of(cfg)
+    task = make_task(cfg.task)
+    mcfg = backbone.model.config
+    store_specs, sources = store_plan([v.features for v in cfg.variants], mcfg.num_layers)
+
+    test_rows, _ = pipeline._candidates(cfg, backbone, task, "test", log)
+    train_rows, _ = pipeline._candidates(cfg, backbone, task, "train", log)
+    train_rows = pipeline._train_rows(cfg, task, train_rows)
+    max_len = pipeline._max_len(cfg, backbone, train_rows, test_rows)
+    stages = {}
+
+    t0 = time.time()
+    stores, tr_ids, tr_arr = pipeline.feature_stores_for(backbone, train_rows, store_specs, cache, max_len=max_len,
+                                                         batch_size=cfg.extract_batch, progress=cfg.progress, log=log)
+    stages["train_features_seconds"] = round(time.time() - t0, 1)
+    norm = jax.jit(backbone.model.final_norm)
+    heads, infos = [], {}
+    for v, src in zip(cfg.variants, sources):
+        source = _source(stores[src.store], store_specs[src.store], src, backbone, norm)
+        params, info = _trained_head(cfg, v, source, stores[src.store], tr_arr["correct"], out, log)
+        heads.append((params, v.features))
+        infos[v.name] = info
+
+    te_ids, te_arr = cands.group(test_rows)
+    ordered = pipeline.in_group_order(test_rows, te_ids)
+    scores, secs = _test_scores(cfg, backbone, heads, ordered, max_len, out, log)
+    if secs:
+        tokens = sum(len(r["token_ids"]) for r in ordered)
+        stages["test_scoring_seconds"] = round(secs, 1)
+        stages["test_scoring_response_tokens_per_s"] = round(tokens / secs, 1)
+        log(f"scored {len(ordered)} test candidates with {len(heads)} heads in one forward: {secs:.0f}s")
+
+    shape = te_arr["correct"].shape
+    test = {v.name: s.reshape(shape) for v, s in zip(cfg.variants, scores)}
+    train = {v.name: np.asarray(infos[v.name]["train_scores"]).reshape(tr_arr["correct"].shape) for v in cfg.variants}
+    test.update(te_arr["scores"])
+    train.update(tr_arr["scores"])
+    temps = {name: selection_mod.fit_temperature(tr_arr["answers"], tr_arr["correct"], train[name])
+             for name in test if name in train}
+    ks = bon.default_ks(cfg.n)
+    curves = selection_mod.selection_table(te_arr["answers"], te_arr["correct"], test, ks, temperatures=temps,
+                                           seed=cfg.seed)
+    result = {
+        "n": cfg.n, "ks": ks, "n_test_problems": len(te_ids), "n_train_problems": len(tr_ids),
+        "pass@1": float(te_arr["correct"].mean() * 100),
+        "temperatures": temps,
+        "curves": {c: {str(k): list(v) for k, v in vals.items()} for c, vals in curves.items()},
+        "variants": {v.name: {"features": v.features.to_dict(), "feature_dim": heads[i][0]["kernel"].shape[0],
+                              **{k: infos[v.name][k] for k in ("num_params", "epochs_run", "best_val_loss",
+                                                               "train_seconds") if k in infos[v.name]}}
+                     for i, v in enumerate(cfg.variants)},
+        "stages": stages,
+        "model": backbone.describe(),
+        "task": task.describe(),
+        "config": to_plain(cfg),
+        "wall_seconds": round(time.time() - t_start, 1),
+    }
+    result["verdict"] = verdict(result)
+    with atomic_file(out / "study.json", "w") as f:
+        f.write(json.dumps(result, indent=2, default=float))
+    with atomic_file(out / "study.md", "w") as f:
+        f.write(markdown(result) + "\n")
+    return result
+
+
+def verdict(result: dict) -> str:
+    """One line: the best SWIFT variant's Best-of-N at k = N against majority vote, with the
+    difference's (unpaired, conservative) standard error."""
+    k = str(result["n"])
+    curves = result["curves"]
+    names = [f"{v}/best" for v in result["variants"] if f"{v}/best" in curves]
+    best = max(names, key=lambda c: curves[c][k][0])
+    (a, sa), (m, sm) = curves[best][k], curves["majority"][k]
+    d, se = a - m, float(np.hypot(sa, sm))
+    word = "beats" if d > 2 * se else ("loses to" if d < -2 * se else "does not separate from")
+    return (f"best SWIFT head {best.split('/')[0]} Best-of-{k} {a:.1f} ± {sa:.1f} {word} majority vote "
+            f"{m:.1f} ± {sm:.1f} (difference {d:+.1f} ± {se:.1f}); oracle {curves['oracle'][k][0]:.1f}, "
+            f"pass@1 {result['pass@1']:.1f}")
+
+
+def markdown(result: dict) -> str:
+    """The study as a markdown table: accuracy ± standard error at each k, one line per curve."""
+    ks = [str(k) for k in result["ks"]]
+    lines = ["| score / rule | " + " | ".join(f"@{k}" for k in ks) + " |",
+             "| --- | " + " | ".join("---:" for _ in ks) + " |"]
+    for c, vals in result["curves"].items():
+        lines.append(f"| {c} | " + " | ".join(f"{vals[k][0]:.1f} ± {vals[k][1]:.1f}" for k in ks) + " |")
+    lines.append("")
+    lines.append("| variant | F | head params | epochs | train s |")
+    lines.append("| --- | ---: | ---: | ---: | ---: |")
+    for name, v in result["variants"].items():
+        lines.append(f"| {name} | {v['feature_dim']} | {v.get('num_params', '')} | {v.get('epochs_run', 0):.1f} | "
+                     f"{v.get('train_seconds', '')} |")
+    lines.append("")
+    lines.append(f"{result['n_test_problems']} test problems, {result['n_train_problems']} train problems, "
+                 f"N = {result['n']}. {result['verdict']}.")
+    return "\n".join(lines)
+
+
+def main(argv) -> int:
+    """``swiftjax swift study CONFIG [k=v ...]``"""
+    cfg = parse_typed(SwiftStudyConfig, argv, "swift study")
+    with use_mesh(cfg.mesh):
+        result = run_study(cfg)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

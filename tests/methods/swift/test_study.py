@@ -1,0 +1,96 @@
+"""`swift study`: many SWIFT heads from one train forward and one test forward, on a tiny chat model."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+from hf_tiny import save_tiny_chat_model, write_gsm8k_toy
+
+from swiftjax.config import parse_typed
+from swiftjax.data import candidates as cands
+from swiftjax.data.store import FeatureStore
+from swiftjax.methods.swift import features as F
+from swiftjax.methods.swift import pipeline, study
+from swiftjax.methods.swift.head_io import load_head
+
+
+def test_store_plan_shares_one_raw_store_between_hidden_specs():
+    specs = [F.FeatureSpec(layers=(3, 1)), F.FeatureSpec(layers=(1,), apply_norm=True),
+             F.FeatureSpec(mode="token_logprobs", k=2), F.FeatureSpec(mode="topk", k=3),
+             F.FeatureSpec(mode="token_logprobs", k=2)]
+    stores, sources = study.store_plan(specs, num_layers=4)
+    assert stores == [F.FeatureSpec(layers=(1, 3)), F.FeatureSpec(mode="token_logprobs", k=2),
+                      F.FeatureSpec(mode="topk", k=3)]
+    assert sources == [study.Source(0, (1, 3), False), study.Source(0, (1,), True), study.Source(1),
+                       study.Source(2), study.Source(1)]
+    stores, _ = study.store_plan([F.FeatureSpec(layers=(0, 1, 2)), F.FeatureSpec(layers=(3, 4))], num_layers=4)
+    assert stores == [F.FeatureSpec(layers="all")]
+    with pytest.raises(ValueError, match=r"FeatureSpec.layers: expected indices in \[0, 4\]"):
+        study.store_plan([F.FeatureSpec(layers=(5,))], num_layers=4)
+
+
+def _config(tmp, model, variants, *extra):
+    data = write_gsm8k_toy(tmp / "gsm8k.jsonl")
+    f = tmp / "study.yaml"
+    f.write_text(yaml.safe_dump({"variants": variants}))
+    return parse_typed(study.SwiftStudyConfig, [
+        str(f), f"model={model}", "task.name=gsm8k", f"task.test_path={data}", "task.n_test=2", "task.n_train=4",
+        f"out={tmp / 'out'}", f"cache={tmp / 'cache'}", "n=4", "rollouts_per_group=4", "sampling.max_new_tokens=10",
+        "sampling.batch_size=8", "sampling.temperature=1.0", "swift.max_epochs=2", "swift.groups_per_batch=1",
+        "extract_batch=8", "progress=false", *extra], "test")
+
+
+VARIANTS = [{"name": "all", "features": {"layers": "all"}},
+            {"name": "ends_norm", "features": {"layers": [2, 0], "apply_norm": True}},
+            {"name": "one", "features": {"layers": [1]}},
+            {"name": "tok", "features": {"mode": "token_logprobs", "k": 2}}]
+
+
+def test_study_trains_every_head_and_scores_them_in_one_forward(tmp_path):
+    model, _ = save_tiny_chat_model("qwen2", tmp_path / "model")
+    cfg = _config(tmp_path, model, VARIANTS)
+    logs = []
+    res = study.run_study(cfg, log=logs.append)
+    saved = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert saved["verdict"] == res["verdict"] and "majority vote" in res["verdict"]
+    assert (tmp_path / "out" / "study.md").read_text().startswith("| score / rule |")
+    names = [v["name"] for v in VARIANTS]
+    assert set(res["curves"]) >= {f"{n}/{rule}" for n in names for rule in ("best", "weighted", "borda")}
+    assert set(res["curves"]) >= {"mean_logprob/best", "majority", "oracle", "random"}
+    # one forward wrote two stores: the raw states of every layer and the token log-probs
+    stores = sorted((tmp_path / "cache").glob("features_*"))
+    assert len(stores) == 2
+    assert sorted(FeatureStore(s).spec["mode"] for s in stores) == ["hidden", "token_logprobs"]
+    # every head's test scores (one forward for all) equal that head's own fused scoring
+    test_rows = cands.read_candidates(next((tmp_path / "cache").glob("candidates_test_*.jsonl")))
+    te_ids, arr = cands.group(test_rows)
+    ordered = pipeline.in_group_order(test_rows, te_ids)
+    bb = pipeline.backbone_of(cfg)
+    got = np.load(next((tmp_path / "out").glob("test_scores_*.npy")))
+    assert got.shape == (len(names), len(ordered))
+    for i, name in enumerate(names):
+        params, spec, meta = load_head(tmp_path / "out" / "heads" / name)
+        assert spec == cfg.variants[i].features and len(meta["info"]["train_scores"]) == 16
+        ref = pipeline.score_rows(bb, params, spec, ordered, max_len=256, batch_size=8, progress=False)
+        np.testing.assert_allclose(got[i], ref, rtol=1e-5, atol=1e-5)
+    # a rerun reuses the stores, heads and scores and gives the same table
+    stamp = {n: (tmp_path / "out" / "heads" / n / "head.json").stat().st_mtime_ns for n in names}
+    logs.clear()
+    again = study.run_study(cfg, log=logs.append)
+    assert again["curves"] == res["curves"]
+    assert {n: (tmp_path / "out" / "heads" / n / "head.json").stat().st_mtime_ns for n in names} == stamp
+    assert sum("reusing" in line for line in logs) == 2 + len(names) + 1
+    # a changed recipe retrains the heads (their key covers it), not the stores
+    logs.clear()
+    study.run_study(_config(tmp_path, model, VARIANTS[:1], "swift.lr=0.01"), log=logs.append)
+    assert any("all: training a head" in line for line in logs)
+    assert sum("one forward wrote" in line for line in logs) == 0
+
+
+def test_study_config_is_checked_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="variants: expected distinct names"):
+        _config(tmp_path, "world", VARIANTS[:1] * 2)
+    with pytest.raises(ValueError, match="name: expected letters.*directory name"):
+        _config(tmp_path, "world", [{"name": "../x", "features": {"layers": "all"}}])
+    with pytest.raises(ValueError, match=r"variants\[0\].features.bogus: unknown key"):
+        _config(tmp_path, "world", [{"name": "x", "features": {"bogus": 1}}])
