@@ -44,6 +44,7 @@ class SamplingConfig:
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
     record_topk: int = 0   # > 0: also record each step's top-k log-probs and mean log-prob (confidence scores)
+    head_noise: bool = False  # top-p draws add Gumbel noise to the TOP_P_HEAD head only (see sample_token)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -173,11 +174,20 @@ def sample_token(key, logits, cfg: SamplingConfig):
     """Next ids [B] from logits [B, V]: arg-max when temperature is 0, else a draw.
 
     A draw is ``jax.random.categorical`` of the filtered logits: the arg-max of logits plus
-    Gumbel noise (see :func:`draw_with_noise`).
+    Gumbel noise (see :func:`draw_with_noise`). ``cfg.head_noise`` (top-p over a vocabulary
+    larger than ``TOP_P_HEAD``): when the nucleus lies in the head, noise is drawn for the
+    ``TOP_P_HEAD`` head tokens only (i.i.d. Gumbels whatever token holds them, so the draw has
+    the same distribution; the draws differ from full-vocabulary noise), sparing [B, V] random
+    numbers a step; otherwise full noise from ``fold_in(key, 1)``.
     """
     if cfg.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return draw_with_noise(logits, jax.random.gumbel(key, logits.shape, jnp.float32), cfg)
+
+    def noise(tail, salt=None):
+        return jax.random.gumbel(key if salt is None else jax.random.fold_in(key, salt), logits.shape[:1] + tail,
+                                 jnp.float32)
+
+    return _draw(logits, noise, cfg)
 
 
 def sample_token_rows(keys, logits, cfg: SamplingConfig):
@@ -186,8 +196,20 @@ def sample_token_rows(keys, logits, cfg: SamplingConfig):
     depend on the rows beside it."""
     if cfg.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], jnp.float32))(keys)
-    return draw_with_noise(logits, noise, cfg)
+
+    def noise(tail, salt=None):
+        return jax.vmap(lambda k: jax.random.gumbel(k if salt is None else jax.random.fold_in(k, salt), tail,
+                                                    jnp.float32))(keys)
+
+    return _draw(logits, noise, cfg)
+
+
+def _draw(logits, noise, cfg: SamplingConfig):
+    """The draw of :func:`sample_token`; ``noise(tail, salt=None)`` -> Gumbels [B, *tail]."""
+    v = logits.shape[-1]
+    if not cfg.head_noise or cfg.top_p >= 1.0 or v <= TOP_P_HEAD:
+        return draw_with_noise(logits, noise((v,)), cfg)
+    return _nucleus_draw(logits, cfg, lambda idx: noise((TOP_P_HEAD,)), lambda: noise((v,), 1))
 
 
 def draw_with_noise(logits, noise, cfg: SamplingConfig):
@@ -199,17 +221,24 @@ def draw_with_noise(logits, noise, cfg: SamplingConfig):
     """
     if cfg.top_p >= 1.0 or logits.shape[-1] <= TOP_P_HEAD:
         return jnp.argmax(filter_logits(logits, cfg) + noise, axis=-1).astype(jnp.int32)
+    return _nucleus_draw(logits, cfg, lambda idx: jnp.take_along_axis(noise, idx, axis=-1), lambda: noise)
+
+
+def _nucleus_draw(logits, cfg: SamplingConfig, head_noise, full_noise):
+    """Top-p draw over a large vocabulary: the arg-max over the head's kept tokens plus
+    ``head_noise(idx)`` [B, TOP_P_HEAD] when the nucleus lies in the head, else over the whole
+    nucleus plus ``full_noise()`` [B, V] (each is only computed in its branch)."""
     x = _temper_top_k(logits, cfg)
     lse, vals, idx, covered = _head(x, cfg.top_p)
 
     def in_head():
         keep = _head_keep(vals, lse, cfg.top_p)
-        j = jnp.argmax(jnp.where(keep, vals, -jnp.inf) + jnp.take_along_axis(noise, idx, axis=-1), axis=-1)
+        j = jnp.argmax(jnp.where(keep, vals, -jnp.inf) + head_noise(idx), axis=-1)
         return jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0]
 
     def by_search():
         keep = _nucleus_by_search(x, lse, cfg.top_p)
-        return jnp.argmax(jnp.where(keep, x, -jnp.inf) + noise, axis=-1)
+        return jnp.argmax(jnp.where(keep, x, -jnp.inf) + full_noise(), axis=-1)
 
     return jax.lax.cond(covered, in_head, by_search).astype(jnp.int32)
 

@@ -173,6 +173,35 @@ def test_top_p_draws_equal_categorical_of_the_filtered_logits(scale, top_k, head
     assert (kept <= TOP_P_HEAD).all() == head  # the head branch, or the search branch, is taken
 
 
+def test_head_noise_draws_the_same_distribution():
+    """``head_noise``: Gumbels for the head tokens only. Draws stay inside the nucleus with the
+    filtered softmax's frequencies; the search branch draws categorical(fold_in(key, 1)); a
+    row's draw with its own key does not depend on the rows beside it."""
+    from swiftjax.sampling import TOP_P_HEAD, sample_token, sample_token_rows
+
+    rs = np.random.RandomState(3)
+    logits = jnp.asarray((rs.randn(2, 3 * TOP_P_HEAD + 7) * 2.0).astype(np.float32))
+    cfg = SamplingConfig(temperature=0.7, top_p=0.9, head_noise=True)
+    probs = np.exp(_np_filter(np.asarray(logits, np.float64), 0.7, 0, 0.9))
+    probs /= probs.sum(-1, keepdims=True)
+    keys = jax.random.split(jax.random.key(1), 20000)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: sample_token(k, logits, cfg)))(keys))
+    for b in range(2):
+        assert (probs[b, draws[:, b]] > 0).all()  # never outside the nucleus
+        freq = np.bincount(draws[:, b], minlength=logits.shape[1]) / len(keys)
+        assert 0.5 * np.abs(freq - probs[b]).sum() < 0.03  # total variation (sampling noise ~0.01)
+        assert (probs[b] > 0).sum() > 3
+    full = np.asarray(jax.vmap(lambda k: sample_token(k, logits, SamplingConfig(temperature=0.7, top_p=0.9)))(keys))
+    assert (draws != full).any()  # other draws than full-vocabulary noise
+    flat = jnp.asarray((rs.randn(2, 3 * TOP_P_HEAD + 7) * 0.05).astype(np.float32))  # nucleus beyond the head
+    ours = jax.vmap(lambda k: sample_token(k, flat, cfg))(keys[:64])
+    ref = jax.vmap(lambda k: jax.random.categorical(jax.random.fold_in(k, 1), filter_logits(flat, cfg), axis=-1))(keys[:64])
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    rows = sample_token_rows(keys[:2], logits, cfg)
+    alone = [int(sample_token(keys[b], logits[b:b + 1], cfg)[0]) for b in range(2)]
+    assert np.asarray(rows).tolist() == alone
+
+
 def test_shared_prompt_prefill_gives_the_same_samples(tmp_path):
     hf = tiny_hf_model("llama", seed=5)
     hf.save_pretrained(tmp_path)
