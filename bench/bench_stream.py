@@ -1,6 +1,7 @@
 """Best-of-N sampling throughput: lock-step batches against continuous batching.
 
     python bench/bench_stream.py [--model DIR] [--problems 8] [--n 8] [--slots 16] [--new-tokens 256]
+                                 [--noise full|head|both]
 
 Real chat prompts (GSM8K questions through the model's chat template, asked for a \\boxed{}
 answer, when ``../shared/data`` is present) and the real model
@@ -18,6 +19,7 @@ to a live row (1.0 = no slot ever idles). Run it on an idle machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -58,6 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--refill", type=int, default=32)
+    ap.add_argument("--noise", choices=("full", "head", "both"), default="full",
+                    help="top-p Gumbel noise over the whole vocabulary, the nucleus head only "
+                         "(SamplingConfig.head_noise), or both: continuous batching each way, no lock-step")
     a = ap.parse_args(argv)
     if a.small:
         a.problems, a.new_tokens = 2, 64
@@ -71,7 +76,7 @@ def main(argv=None) -> int:
     ids, mask = bb.encode_prompts(msgs, width)
     ids, mask = np.asarray(ids), np.asarray(mask)
     cfg = SamplingConfig(max_new_tokens=a.new_tokens, temperature=0.7, top_p=0.95, eos_ids=bb.eos_ids,
-                         pad_id=bb.pad_id)
+                         pad_id=bb.pad_id, head_noise=a.noise == "head")
     rows = len(msgs)
     keys = jax.random.split(jax.random.key(0), rows)
     print(f"{Path(a.model).name}: {a.problems} {task} problems x N={a.n} = {rows} rows, prompt width {width}, "
@@ -88,25 +93,33 @@ def main(argv=None) -> int:
         ln = np.concatenate(lengths)
         return ln, ln.sum() / (steps * a.slots)
 
-    def continuous():
+    def continuous(c=cfg):
         stats = {}
-        out = stream_generate(bb.model, ids, mask, row_keys=keys, cfg=cfg, slots=a.slots, segment=a.refill,
+        out = stream_generate(bb.model, ids, mask, row_keys=keys, cfg=c, slots=a.slots, segment=a.refill,
                               stats=stats)
         return out.lengths, stats["live_fraction"]
 
+    if a.noise == "both":  # the same rows decoded continuously with each kind of noise
+        head = dataclasses.replace(cfg, head_noise=True)
+        runs = (("continuous, full noise", continuous), ("continuous, head noise", lambda: continuous(head)))
+        warm = (cfg, head)
+    else:
+        runs = (("lock-step", lock_step), ("continuous", continuous))
+        warm = (cfg,)
+        generate(bb.model, ids[: a.slots], mask[: a.slots], key=keys[0], cfg=cfg, prompt_groups=np.gcd(a.n, a.slots))
     # warm-up (compilation) on a few rows, then the timed runs
-    stream_generate(bb.model, ids[: a.slots + 1], mask[: a.slots + 1], row_keys=keys[: a.slots + 1], cfg=cfg,
-                    slots=a.slots, segment=a.refill)
-    generate(bb.model, ids[: a.slots], mask[: a.slots], key=keys[0], cfg=cfg, prompt_groups=np.gcd(a.n, a.slots))
+    for c in warm:
+        stream_generate(bb.model, ids[: a.slots + 1], mask[: a.slots + 1], row_keys=keys[: a.slots + 1], cfg=c,
+                        slots=a.slots, segment=a.refill)
     res = []
-    for name, fn in (("lock-step", lock_step), ("continuous", continuous)):
+    for name, fn in runs:
         t0 = time.perf_counter()
         lengths, useful = fn()
         dt = time.perf_counter() - t0
         res.append({"mode": name, "seconds": dt, "cand_s": rows / dt, "new_tok_s": float(np.sum(lengths)) / dt,
                     "mean_len": float(np.mean(lengths)), "live_fraction": useful})
     res[1]["speedup"] = res[0]["seconds"] / res[1]["seconds"]
-    report("Best-of-N sampling: lock-step vs continuous batching", res)
+    report("Best-of-N sampling: " + " vs ".join(r["mode"] for r in res), res)
     return 0
 
 

@@ -90,7 +90,9 @@ def _mrpo_run(arch, models, toy, tmp_path, references, methods):
     return run, saved, pairs, out, cfg
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# Each end-to-end run takes one architecture as the policy (both chat templates are exercised:
+# llama3 here and in IRFT, qwen2 in MRPO, whose second reference is the other architecture).
+@pytest.mark.parametrize("arch", ["llama3"])
 def test_dpo_end_to_end(arch, models, toy, tmp_path):
     """DPO against the initial policy, two steps."""
     run, saved, pairs, _, _ = _mrpo_run(arch, models, toy, tmp_path, "[]", "[{name: dpo, loss: dpo}]")
@@ -101,7 +103,7 @@ def test_dpo_end_to_end(arch, models, toy, tmp_path):
     assert abs(run["train_loss_last"] - LOG2) > 1e-7 and abs(run["loss"] - LOG2) > 1e-7
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["qwen2"])
 def test_mrpo_k2_end_to_end(arch, models, toy, tmp_path):
     """MRPO with K = 2 references: the policy and a model of the other architecture, which scores
     the pair texts with its own tokenizer and chat template. Two steps."""
@@ -144,7 +146,7 @@ def test_mrpo_samples_candidates_with_candidate_set(models, toy, tmp_path):
 # ============================================================================= SFT -> IRFT / RFT
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["llama3"])
 def test_irft_one_stage_end_to_end(arch, models, toy, tmp_path):
     cfg = parse_typed(irft.IRFTRunConfig, _small(tmp_path / "irft", models[arch], toy) + [
         "max_len=208", "irft.stages=1", "irft.epochs=1", "irft.batch_size=2", "irft.beta=0.5",
