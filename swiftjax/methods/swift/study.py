@@ -223,7 +223,7 @@ def run_study(cfg: SwiftStudyConfig, *, log=print) -> dict:
         "pass@1": float(te_arr["correct"].mean() * 100),
         "temperatures": temps,
         "curves": {c: {str(k): list(v) for k, v in vals.items()} for c, vals in curves.items()},
-        "variants": {v.name: {"features": v.features.to_dict(), "feature_dim": heads[i][0]["kernel"].shape[0],
+        "variants": {v.name: {"features": v.features.to_dict(), "feature_dim": int(heads[i][0]["kernel"].shape[0]),
                               **{k: infos[v.name][k] for k in ("num_params", "epochs_run", "best_val_loss",
                                                                "train_seconds") if k in infos[v.name]}}
                      for i, v in enumerate(cfg.variants)},

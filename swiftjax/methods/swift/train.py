@@ -83,7 +83,9 @@ class LayerView:
                              f"missing {missing}")
         pos = {l: j for j, l in enumerate(source_layers)}
         self.source, self.d, self.norm = source, d, norm
-        self.columns = np.concatenate([np.arange(pos[l] * d, (pos[l] + 1) * d) for l in layers])
+        cols = np.concatenate([np.arange(pos[l] * d, (pos[l] + 1) * d) for l in layers])
+        # every block in order: read rows whole (no column gather)
+        self.columns = None if np.array_equal(cols, np.arange(source.feature_dim)) else cols
         self.feature_dim = len(layers) * d
         self.max_len = source.max_len
 
