@@ -89,7 +89,21 @@ GRADERS = {
 }
 # Bumped whenever a grader's extraction or comparison changes, so candidate sets graded by the
 # old one are not reused (their rows store the answers and verdicts). gsm8k 2: reads \\boxed{}.
-GRADER_VERSIONS = {"gsm8k": 2, "math": 1, "exact": 1}
+GRADER_VERSIONS = {"gsm8k": 2, "math": 1, "exact": 1, "world": 2}  # world 2: a \\boxed{} integer when no "Answer:"
+
+
+def _world_answer(text) -> int | None:
+    """The world's answer: the integer after the last ``Answer:`` (the world's own format, what
+    the world model writes), else the integer in the last ``\\boxed{}`` (what chat models
+    trained on math write whatever the wording asks), else None."""
+    from swiftjax.world.problems import extract_answer
+
+    ans = extract_answer(text)
+    if ans is None and isinstance(text, str):
+        boxed = math_grader.last_boxed(text)
+        if boxed is not None:
+            ans = extract_answer("Answer: " + boxed.strip().strip("$").strip())
+    return ans
 
 
 def _read_jsonl(path: Path, where_field: str) -> list[tuple[int, dict]]:
@@ -122,9 +136,9 @@ class Task:
         self.cfg = cfg
         self.name = cfg.name
         self.prompt = cfg.prompt or DEFAULT_PROMPTS[cfg.name]
-        grader = {"gsm8k": "gsm8k", "math500": "math"}.get(cfg.name, cfg.grader)
+        grader = {"gsm8k": "gsm8k", "math500": "math", "world": "world"}.get(cfg.name, cfg.grader)
         self.grader = grader
-        self._extract, self._equal = GRADERS[grader]
+        self._extract, self._equal = GRADERS.get(grader, (None, None))
         self._cache: dict[str, list[Problem]] = {}
 
     # ------------------------------------------------------------------ problems
@@ -201,10 +215,8 @@ class Task:
     def grade(self, text: str, gold: str) -> tuple[str | None, bool]:
         """(the answer read from ``text`` or None, whether it is correct). Never raises."""
         if self.name == "world":
-            from swiftjax.world.problems import extract_answer, grade
-
-            ans = extract_answer(text)
-            return (None if ans is None else str(ans)), bool(grade(text, int(gold)))
+            ans = _world_answer(text)
+            return (None if ans is None else str(ans)), ans is not None and ans == int(gold)
         try:
             ans = self._extract(text)
         except Exception:

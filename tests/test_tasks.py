@@ -17,6 +17,13 @@ def test_world_task_is_the_world_splits():
     assert t.user_message(t.problems("test")[0]) == ref[0].question
     assert t.grade(ref[0].solution, t.problems("test")[0].gold) == (str(ref[0].answer), True)
     assert t.grade("Answer: -1", t.problems("test")[0].gold)[1] is False
+    # a chat model's boxed answer counts when there is no "Answer:" line (grader world 2)
+    gold = t.problems("test")[0].gold
+    assert t.grade(f"so the total is \\(\\boxed{{{gold}}}\\) years.", gold) == (gold, True)
+    assert t.grade(f"\\boxed{{{int(gold) + 1}}}", gold) == (str(int(gold) + 1), False)
+    assert t.grade(f"Answer: {gold}\n\\boxed{{{int(gold) + 1}}}", gold) == (gold, True)  # Answer: first
+    assert t.grade("\\boxed{2.5}", gold) == (None, False) and t.grade("\\boxed{", gold) == (None, False)
+    assert t.describe()["grader"] == "world" and t.describe()["grader_version"] == 2
 
 
 def test_gsm8k_task_two_files_and_wording(tmp_path):
