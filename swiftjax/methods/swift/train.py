@@ -88,6 +88,7 @@ class LayerView:
         self.columns = None if np.array_equal(cols, np.arange(source.feature_dim)) else cols
         self.feature_dim = len(layers) * d
         self.max_len = source.max_len
+        self.lengths = getattr(source, "lengths", None)
 
     def __len__(self):
         return len(self.source)
@@ -99,6 +100,20 @@ class LayerView:
             x = np.asarray(self.norm(jnp.asarray(x.reshape(b, t, f // self.d, self.d))), np.float32)
             x = x.reshape(b, t, f) * m[..., None]
         return x, m
+
+
+PAD_BUCKET = 64  # batches are padded to their longest row rounded up to this: few shapes, little padding
+
+
+def _pad_width(source, rows) -> int:
+    """The padded width of a batch of ``rows``: its longest row rounded up to ``PAD_BUCKET``
+    (at most ``source.max_len``) when the source knows its rows' lengths, else ``max_len``
+    (one shape). The padding is masked out, so the width never changes a score."""
+    lengths = getattr(source, "lengths", None)
+    if lengths is None:
+        return source.max_len
+    longest = int(np.max(np.asarray(lengths)[np.asarray(rows)]))
+    return min(-(-longest // PAD_BUCKET) * PAD_BUCKET, source.max_len)
 
 
 def split_groups(num_groups: int, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +140,7 @@ def _group_loss(cfg: SwiftTrainConfig):
 
 def _make_batch(source, groups, labels, gids):
     rows = groups[gids].reshape(-1)
-    feats, mask = source.batch(rows, pad_to=source.max_len)  # one shape: one compilation
+    feats, mask = source.batch(rows, pad_to=_pad_width(source, rows))
     return {"features": jnp.asarray(feats), "mask": jnp.asarray(mask),
             "labels": jnp.asarray(labels[gids], jnp.float32)}
 
@@ -216,7 +231,7 @@ def score_rows(params, source, rows, batch_size: int = 256) -> np.ndarray:
     rows = np.asarray(rows)
     out = []
     for s in range(0, len(rows), batch_size):
-        f, m = source.batch(rows[s:s + batch_size], pad_to=source.max_len)
+        f, m = source.batch(rows[s:s + batch_size], pad_to=_pad_width(source, rows[s:s + batch_size]))
         out.append(np.asarray(_score(params, jnp.asarray(f), jnp.asarray(m))))
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 

@@ -99,3 +99,35 @@ def test_diverging_lr_raises_instead_of_returning_nan_params():
     src, groups, labels = _planted(g=12, seed=4)
     with pytest.raises(ValueError, match="train_head: expected a finite loss and params"):
         train_head(src, groups, labels, SwiftTrainConfig(lr=1e38, max_epochs=3, val_frac=0.0), progress=False)
+
+
+def test_a_store_pads_each_batch_to_its_rows_and_trains_like_full_width(tmp_path, monkeypatch):
+    """A source that knows its rows' lengths (a feature store) pads each batch to its longest
+    row rounded up to PAD_BUCKET; the head trained that way equals full-width training."""
+    from swiftjax.data.store import FeatureStore, FeatureStoreWriter, from_bf16_bits, to_bf16_bits
+    from swiftjax.methods.swift import train as T
+
+    rs = np.random.RandomState(4)
+    g, k, t, f = 12, 4, 20, 6
+    lengths = rs.randint(2, t + 1, size=g * k)
+    lengths[0] = t  # one row uses every column
+    rows = [from_bf16_bits(to_bf16_bits(rs.randn(n, f) + 0.3 * (i % 2))) for i, n in enumerate(lengths)]
+    labels = (np.arange(g * k) % 2).astype(np.float32).reshape(g, k)
+    with FeatureStoreWriter(tmp_path / "st", f) as w:
+        w.add(rows, labels.reshape(-1), np.repeat(np.arange(g), k))
+    store = FeatureStore(tmp_path / "st")
+    monkeypatch.setattr(T, "PAD_BUCKET", 4)
+    assert T._pad_width(store, [1, 2]) == min(-(-int(lengths[[1, 2]].max()) // 4) * 4, t)
+    assert T._pad_width(store, [0, 1]) == t
+    full = ArraySource(*store.batch(np.arange(g * k), pad_to=t))  # no lengths: full width
+    widths = set()
+    real = store.batch
+    monkeypatch.setattr(store, "batch", lambda idx, pad_to=None, **kw: widths.add(pad_to) or real(idx, pad_to, **kw))
+    groups = np.arange(g * k).reshape(g, k)
+    cfg = SwiftTrainConfig(loss="dpo", lr=1e-2, max_epochs=3, groups_per_batch=2)
+    p_store, _ = train_head(store, groups, labels, cfg, progress=False)
+    p_full, _ = train_head(full, groups, labels, cfg, progress=False)
+    assert len(widths) > 1 and max(widths) <= t and all(w % 4 == 0 or w == t for w in widths)
+    np.testing.assert_allclose(p_store["kernel"], p_full["kernel"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(score_rows(p_store, store, np.arange(g * k)), score_rows(p_store, full, np.arange(g * k)),
+                               rtol=1e-5, atol=1e-6)
