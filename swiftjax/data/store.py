@@ -566,12 +566,13 @@ class FeatureStore:
         return from_bf16_bits(self.row_bits(i))
 
     def batch(self, indices: Sequence[int], pad_to: int | None = None, *,
-              columns=None) -> tuple[np.ndarray, np.ndarray]:
+              columns=None, exact_bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``indices`` as (features [B, Tmax, F] float32, mask [B, Tmax] float32), right-padded
         with zeros; ``Tmax`` = the longest selected row, or ``pad_to`` (>= it) for fixed shapes
         (``pad_to=store.max_len`` gives one shape for every batch). ``columns`` (an int index
         array into [0, F)): only those features, in that order (F becomes ``len(columns)``;
-        only they are converted)."""
+        only they are converted). ``exact_bf16``: the features as the stored bfloat16 values
+        (ml_dtypes.bfloat16, the same numbers as the float32 ones in half the bytes)."""
         cols = None
         if columns is not None:
             cols = np.asarray(columns)
@@ -587,13 +588,15 @@ class FeatureStore:
         t = longest if pad_to is None else pad_to
         if not _is_int(t) or t < longest:
             raise ValueError(f"pad_to: expected an int >= the longest selected row ({longest}), got {pad_to!r}")
-        out = np.zeros((idx.size, int(t), self.feature_dim if cols is None else cols.size), np.float32)
+        f = self.feature_dim if cols is None else cols.size
+        out = np.zeros((idx.size, int(t), f), np.uint16 if exact_bf16 else np.float32)
         mask = np.zeros((idx.size, int(t)), np.float32)
         for j, i in enumerate(idx):
             r = self.row_bits(int(i))
-            out[j, : r.shape[0]] = from_bf16_bits(r if cols is None else r[:, cols])
+            r = r if cols is None else r[:, cols]
+            out[j, : r.shape[0]] = r if exact_bf16 else from_bf16_bits(r)
             mask[j, : r.shape[0]] = 1.0
-        return out, mask
+        return (out.view(ml_dtypes.bfloat16) if exact_bf16 else out), mask
 
     def __repr__(self) -> str:
         return (f"FeatureStore({str(self.path)!r}, rows={len(self)}, tokens={self.num_tokens}, "

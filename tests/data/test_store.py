@@ -83,6 +83,10 @@ def test_round_trip_ragged_rows_across_shards(tmp_path):
     x3, m3 = st.batch(idx, columns=cols)
     np.testing.assert_array_equal(x3, x[..., cols])
     np.testing.assert_array_equal(m3, m)
+    x4, m4 = st.batch(idx, columns=cols, exact_bf16=True)  # the stored values, in half the bytes
+    assert x4.dtype == ml_dtypes.bfloat16 and x4.nbytes * 2 == x3.nbytes
+    np.testing.assert_array_equal(x4.astype(np.float32), x3)
+    np.testing.assert_array_equal(m4, m)
     assert _leftovers(tmp_path) == []
 
 

@@ -93,13 +93,28 @@ class LayerView:
     def __len__(self):
         return len(self.source)
 
-    def batch(self, indices, pad_to=None):
+    def batch(self, indices, pad_to=None, *, exact_bf16: bool = False):
+        """(features [B, T, F], mask [B, T]); ``exact_bf16`` is passed on when no norm is
+        applied (a normed block is float32: rounding it again would change it)."""
+        if self.norm is None:
+            return self.source.batch(indices, pad_to, columns=self.columns, **_bf16_kw(self.source, exact_bf16))
         x, m = self.source.batch(indices, pad_to, columns=self.columns)
-        if self.norm is not None:
-            b, t, f = x.shape
-            x = np.asarray(self.norm(jnp.asarray(x.reshape(b, t, f // self.d, self.d))), np.float32)
-            x = x.reshape(b, t, f) * m[..., None]
-        return x, m
+        b, t, f = x.shape
+        x = np.asarray(self.norm(jnp.asarray(x.reshape(b, t, f // self.d, self.d))), np.float32)
+        return x.reshape(b, t, f) * m[..., None], m
+
+
+def _bf16_kw(source, want: bool) -> dict:
+    """``exact_bf16=True`` for sources that hold bf16 values exactly (a feature store, a LayerView
+    without norm of one); nothing for the others (they give float32)."""
+    from swiftjax.data.store import FeatureStore
+
+    if not want:
+        return {}
+    if isinstance(source, FeatureStore) or (isinstance(source, LayerView) and source.norm is None
+                                             and _bf16_kw(source.source, True)):
+        return {"exact_bf16": True}
+    return {}
 
 
 PAD_BUCKET = 64  # batches are padded to their longest row rounded up to this: few shapes, little padding
@@ -140,7 +155,8 @@ def _group_loss(cfg: SwiftTrainConfig):
 
 def _make_batch(source, groups, labels, gids):
     rows = groups[gids].reshape(-1)
-    feats, mask = source.batch(rows, pad_to=_pad_width(source, rows))
+    # the store's own bf16 values when it can give them: half the bytes into JAX, same numbers
+    feats, mask = source.batch(rows, pad_to=_pad_width(source, rows), **_bf16_kw(source, True))
     return {"features": jnp.asarray(feats), "mask": jnp.asarray(mask),
             "labels": jnp.asarray(labels[gids], jnp.float32)}
 
@@ -231,7 +247,8 @@ def score_rows(params, source, rows, batch_size: int = 256) -> np.ndarray:
     rows = np.asarray(rows)
     out = []
     for s in range(0, len(rows), batch_size):
-        f, m = source.batch(rows[s:s + batch_size], pad_to=_pad_width(source, rows[s:s + batch_size]))
+        f, m = source.batch(rows[s:s + batch_size], pad_to=_pad_width(source, rows[s:s + batch_size]),
+                            **_bf16_kw(source, True))
         out.append(np.asarray(_score(params, jnp.asarray(f), jnp.asarray(m))))
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
