@@ -49,7 +49,11 @@ class SwiftRunConfig:
 
     model: an HF causal-LM directory, or ``world`` (the shipped world model).
     template / system / dtype: how the backbone is prompted (:class:`swiftjax.backbone.BackboneConfig`).
-    n: candidates per problem. max_len: the teacher-forced width of prompt + response
+    n: candidates per problem.
+    train_batch_size: rows decoded at once (and per shard) for the train split (null:
+      sampling.batch_size): on CPU more rows in flight make the step's matmuls more efficient,
+      while the test split keeps the size it was sampled with (the size is part of a set's key).
+    max_len: the teacher-forced width of prompt + response
       (null: sampling.prompt_len + sampling.max_new_tokens, or the longest row rounded to 16).
     train_problems_used: train the head on the first m training problems only.
     rollouts_per_group: the recipe's groups (each problem's n rollouts cut into n / this).
@@ -68,6 +72,7 @@ class SwiftRunConfig:
     seed: int = 0
     n: int = 16
     sampling: SamplingSection = SamplingSection()
+    train_batch_size: int | None = None
     max_len: int | None = None
     features: feats.FeatureSpec = feats.FeatureSpec(layers="all", mode="token_logprobs", k=4)
     rollouts_per_group: int = 8
@@ -86,6 +91,8 @@ class SwiftRunConfig:
             raise ValueError(f"n: expected a positive int, got {self.n}")
         if self.rollouts_per_group < 1 or self.n % self.rollouts_per_group:
             raise ValueError(f"rollouts_per_group: expected a divisor of n={self.n}, got {self.rollouts_per_group}")
+        if self.train_batch_size is not None and self.train_batch_size < 1:
+            raise ValueError(f"train_batch_size: expected a positive int or null, got {self.train_batch_size}")
         if self.extract_batch < 1:
             raise ValueError(f"extract_batch: expected a positive int, got {self.extract_batch}")
         if self.split not in ("train", "test", "both"):
@@ -195,7 +202,10 @@ def score_rows(backbone: Backbone, params, spec, rows, *, max_len: int, batch_si
 
 
 def _candidates(cfg: SwiftRunConfig, backbone, task, split: str, log):
-    return candidate_set(backbone, task, split, n=cfg.n, sampling=cfg.sampling, seed=cfg.seed,
+    sampling = cfg.sampling
+    if split == "train" and cfg.train_batch_size is not None:
+        sampling = dataclasses.replace(sampling, batch_size=cfg.train_batch_size)
+    return candidate_set(backbone, task, split, n=cfg.n, sampling=sampling, seed=cfg.seed,
                          out_dir=Path(cfg.cache or cfg.out), progress=cfg.progress, log=log)
 
 

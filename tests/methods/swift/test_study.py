@@ -48,9 +48,13 @@ VARIANTS = [{"name": "all", "features": {"layers": "all"}},
 
 def test_study_trains_every_head_and_scores_them_in_one_forward(tmp_path):
     model, _ = save_tiny_chat_model("qwen2", tmp_path / "model")
-    cfg = _config(tmp_path, model, VARIANTS)
+    cfg = _config(tmp_path, model, VARIANTS, "train_batch_size=5")
     logs = []
     res = study.run_study(cfg, log=logs.append)
+    # the train split decodes 5 rows at a time (its own key), the test split keeps sampling.batch_size
+    for split, bs in (("train", 5), ("test", 8)):
+        key = json.loads(next((tmp_path / "cache").glob(f"candidates_{split}_*.jsonl.key.json")).read_text())
+        assert key["sampling"]["batch_size"] == bs
     saved = json.loads((tmp_path / "out" / "study.json").read_text())
     assert saved["verdict"] == res["verdict"] and "majority vote" in res["verdict"]
     assert (tmp_path / "out" / "study.md").read_text().startswith("| score / rule |")
@@ -82,7 +86,7 @@ def test_study_trains_every_head_and_scores_them_in_one_forward(tmp_path):
     assert sum("reusing" in line for line in logs) == 2 + len(names) + 1
     # a changed recipe retrains the heads (their key covers it), not the stores
     logs.clear()
-    study.run_study(_config(tmp_path, model, VARIANTS[:1], "swift.lr=0.01"), log=logs.append)
+    study.run_study(_config(tmp_path, model, VARIANTS[:1], "train_batch_size=5", "swift.lr=0.01"), log=logs.append)
     assert any("all: training a head" in line for line in logs)
     assert sum("one forward wrote" in line for line in logs) == 0
 

@@ -133,6 +133,7 @@ def test_config_is_validated_whole_before_any_work(tmp_path):
     assert "progress: expected true/false, got 'maybe'" in err("progress=maybe")
     assert "features.layers: expected" in err("features.layers=3")
     assert "swift.los: unknown key" in err("swift.los=dpo")
+    assert "train_batch_size: expected a positive int or null, got 0" in err("train_batch_size=0")
     assert "swift: loss: expected one of" in err("swift.loss=nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("n: 4\nsampling: {temperature: 1.0\n")
