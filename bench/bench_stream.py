@@ -19,7 +19,6 @@ to a live row (1.0 = no slot ever idles). Run it on an idle machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from common import report  # noqa: E402
 from swiftjax.backbone import load_backbone  # noqa: E402
 from swiftjax.batching import padded_batches, take  # noqa: E402
 from swiftjax.convert.fetch import models_root  # noqa: E402
+from swiftjax import sampling  # noqa: E402
 from swiftjax.sampling import SamplingConfig, generate  # noqa: E402
 from swiftjax.stream import stream_generate  # noqa: E402
 from swiftjax.tasks import make_task  # noqa: E402
@@ -60,9 +60,10 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--refill", type=int, default=32)
-    ap.add_argument("--noise", choices=("full", "head", "both"), default="full",
-                    help="top-p Gumbel noise over the whole vocabulary, the nucleus head only "
-                         "(SamplingConfig.head_noise), or both: continuous batching each way, no lock-step")
+    ap.add_argument("--noise", choices=("head", "full", "both"), default="head",
+                    help="top-p Gumbel noise computed for the nucleus head only (the sampler's path: the "
+                         "same values, sampling.gumbel_at), for the whole vocabulary, or both: continuous "
+                         "batching each way (the same tokens), no lock-step")
     a = ap.parse_args(argv)
     if a.small:
         a.problems, a.new_tokens = 2, 64
@@ -76,7 +77,11 @@ def main(argv=None) -> int:
     ids, mask = bb.encode_prompts(msgs, width)
     ids, mask = np.asarray(ids), np.asarray(mask)
     cfg = SamplingConfig(max_new_tokens=a.new_tokens, temperature=0.7, top_p=0.95, eos_ids=bb.eos_ids,
-                         pad_id=bb.pad_id, head_noise=a.noise == "head")
+                         pad_id=bb.pad_id)
+    exact = sampling._gumbel_at_is_exact
+    full_noise = lambda: setattr(sampling, "_gumbel_at_is_exact", lambda key=None: False)  # noqa: E731
+    if a.noise == "full":
+        full_noise()
     rows = len(msgs)
     keys = jax.random.split(jax.random.key(0), rows)
     print(f"{Path(a.model).name}: {a.problems} {task} problems x N={a.n} = {rows} rows, prompt width {width}, "
@@ -93,26 +98,33 @@ def main(argv=None) -> int:
         ln = np.concatenate(lengths)
         return ln, ln.sum() / (steps * a.slots)
 
-    def continuous(c=cfg):
+    def continuous():
         stats = {}
-        out = stream_generate(bb.model, ids, mask, row_keys=keys, cfg=c, slots=a.slots, segment=a.refill,
+        out = stream_generate(bb.model, ids, mask, row_keys=keys, cfg=cfg, slots=a.slots, segment=a.refill,
                               stats=stats)
         return out.lengths, stats["live_fraction"]
 
-    if a.noise == "both":  # the same rows decoded continuously with each kind of noise
-        head = dataclasses.replace(cfg, head_noise=True)
-        runs = (("continuous, full noise", continuous), ("continuous, head noise", lambda: continuous(head)))
-        warm = (cfg, head)
-    else:
-        runs = (("lock-step", lock_step), ("continuous", continuous))
-        warm = (cfg,)
-        generate(bb.model, ids[: a.slots], mask[: a.slots], key=keys[0], cfg=cfg, prompt_groups=np.gcd(a.n, a.slots))
-    # warm-up (compilation) on a few rows, then the timed runs
-    for c in warm:
-        stream_generate(bb.model, ids[: a.slots + 1], mask[: a.slots + 1], row_keys=keys[: a.slots + 1], cfg=c,
+    def warm():  # compilation, on a few rows
+        stream_generate(bb.model, ids[: a.slots + 1], mask[: a.slots + 1], row_keys=keys[: a.slots + 1], cfg=cfg,
                         slots=a.slots, segment=a.refill)
+
+    def switch(to_exact: bool):
+        def prepare():  # the noise path is chosen at trace time: recompile and warm up (untimed)
+            setattr(sampling, "_gumbel_at_is_exact", exact) if to_exact else full_noise()
+            jax.clear_caches()
+            warm()
+        return prepare
+
+    if a.noise == "both":  # the same rows decoded continuously with each kind of noise (same tokens)
+        runs = (("continuous, full noise", switch(False), continuous),
+                ("continuous, head noise", switch(True), continuous))
+    else:
+        warm()
+        generate(bb.model, ids[: a.slots], mask[: a.slots], key=keys[0], cfg=cfg, prompt_groups=np.gcd(a.n, a.slots))
+        runs = (("lock-step", lambda: None, lock_step), ("continuous", lambda: None, continuous))
     res = []
-    for name, fn in runs:
+    for name, prepare, fn in runs:
+        prepare()
         t0 = time.perf_counter()
         lengths, useful = fn()
         dt = time.perf_counter() - t0

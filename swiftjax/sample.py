@@ -60,9 +60,7 @@ class SamplingSection:
     rows per shard). ``refill_every``: null decodes lock-step batches (each until its longest
     row ends); k > 0 decodes continuously (:mod:`swiftjax.stream`): ``batch_size`` slots, every
     k tokens the finished rows leave and the next rows take their slots, each row drawing
-    from its own key. ``head_noise``: top-p draws add Gumbel noise to the nucleus head only
-    (:func:`swiftjax.sampling.sample_token`): the same distribution, fewer random numbers a step
-    on a large vocabulary, other draws than full noise (so other sets)."""
+    from its own key."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -74,7 +72,6 @@ class SamplingSection:
     confidence_window: int = 32   # DeepConf's lowest-group window, in tokens
     confidence_tail: int = 32     # DeepConf's tail, in tokens
     refill_every: int | None = None  # continuous batching: batch_size slots, finished ones refilled every k tokens
-    head_noise: bool = False      # top-p draws: Gumbel noise for the nucleus head only (same distribution, other draws)
 
     def __post_init__(self):
         SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
@@ -240,8 +237,6 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
     plain = to_plain(sampling)
     if sampling.refill_every is None:  # lock-step sets keep the names they had before continuous batching
         del plain["refill_every"]
-    if not sampling.head_noise:  # and sets drawn with full-vocabulary noise the names they had before it
-        del plain["head_noise"]
     key = {"format": 5 if sampling.refill_every is None else 6, "model": backbone.digest, "task": task.describe(),
            "split": split, "problems": digest([(p.id, m, p.gold) for p, m in zip(problems, messages)]), "n": n,
            "seed": seed, "sampling": plain, "prompt_len": width,
@@ -260,8 +255,7 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
     n_batches = -(-total // bs)
     scfg = SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                           top_k=sampling.top_k, top_p=sampling.top_p, eos_ids=backbone.eos_ids,
-                          pad_id=backbone.pad_id, record_topk=sampling.confidence_topk,
-                          head_noise=sampling.head_noise)
+                          pad_id=backbone.pad_id, record_topk=sampling.confidence_topk)
     base = jax.random.key(split_seed(seed, split))
     delay = float(os.environ.get("SWIFTJAX_SHARD_DELAY", "0") or 0)  # tests: time to kill between shards
     by_batch: dict[int, list[dict]] = {}

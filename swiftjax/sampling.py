@@ -44,7 +44,6 @@ class SamplingConfig:
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
     record_topk: int = 0   # > 0: also record each step's top-k log-probs and mean log-prob (confidence scores)
-    head_noise: bool = False  # top-p draws add Gumbel noise to the TOP_P_HEAD head only (see sample_token)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -173,21 +172,16 @@ def _top_p_filter(logits, top_p: float):
 def sample_token(key, logits, cfg: SamplingConfig):
     """Next ids [B] from logits [B, V]: arg-max when temperature is 0, else a draw.
 
-    A draw is ``jax.random.categorical`` of the filtered logits: the arg-max of logits plus
-    Gumbel noise (see :func:`draw_with_noise`). ``cfg.head_noise`` (top-p over a vocabulary
-    larger than ``TOP_P_HEAD``): when the nucleus lies in the head, noise is drawn for the
-    ``TOP_P_HEAD`` head tokens only (i.i.d. Gumbels whatever token holds them, so the draw has
-    the same distribution; the draws differ from full-vocabulary noise), sparing [B, V] random
-    numbers a step; otherwise full noise from ``fold_in(key, 1)``.
+    A draw is ``jax.random.categorical`` of the filtered logits: the arg-max of logits plus the
+    Gumbel noise ``jax.random.gumbel(key, logits.shape)`` (see :func:`draw_with_noise`). With
+    top-p over a large vocabulary only the noise at the nucleus head's tokens is computed
+    (:func:`gumbel_at`: the same values), unless the nucleus leaves the head.
     """
     if cfg.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def noise(tail, salt=None):
-        return jax.random.gumbel(key if salt is None else jax.random.fold_in(key, salt), logits.shape[:1] + tail,
-                                 jnp.float32)
-
-    return _draw(logits, noise, cfg)
+    b, v = logits.shape
+    return _draw(logits, key, lambda: jax.random.gumbel(key, logits.shape, jnp.float32),
+                 lambda idx: gumbel_at(key, jnp.arange(b)[:, None] * v + idx, b * v), cfg)
 
 
 def sample_token_rows(keys, logits, cfg: SamplingConfig):
@@ -196,20 +190,52 @@ def sample_token_rows(keys, logits, cfg: SamplingConfig):
     depend on the rows beside it."""
     if cfg.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def noise(tail, salt=None):
-        return jax.vmap(lambda k: jax.random.gumbel(k if salt is None else jax.random.fold_in(k, salt), tail,
-                                                    jnp.float32))(keys)
-
-    return _draw(logits, noise, cfg)
-
-
-def _draw(logits, noise, cfg: SamplingConfig):
-    """The draw of :func:`sample_token`; ``noise(tail, salt=None)`` -> Gumbels [B, *tail]."""
     v = logits.shape[-1]
-    if not cfg.head_noise or cfg.top_p >= 1.0 or v <= TOP_P_HEAD:
-        return draw_with_noise(logits, noise((v,)), cfg)
-    return _nucleus_draw(logits, cfg, lambda idx: noise((TOP_P_HEAD,)), lambda: noise((v,), 1))
+    return _draw(logits, keys, lambda: jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys),
+                 lambda idx: jax.vmap(lambda k, i: gumbel_at(k, i, v))(keys, idx), cfg)
+
+
+def _draw(logits, key, full_noise, noise_at, cfg: SamplingConfig):
+    """The draw of :func:`sample_token`: ``full_noise()`` -> [B, V] Gumbels; ``noise_at(idx)``
+    -> the same Gumbels at token ids ``idx`` [B, k] (used when it is exact, see :func:`gumbel_at`)."""
+    v = logits.shape[-1]
+    if cfg.top_p >= 1.0 or v <= TOP_P_HEAD or not _gumbel_at_is_exact(key):
+        return draw_with_noise(logits, full_noise(), cfg)
+    return _nucleus_draw(logits, cfg, noise_at, full_noise)
+
+
+def _gumbel_at_is_exact(key=None) -> bool:
+    """:func:`gumbel_at` reproduces ``jax.random.gumbel`` for ``key`` under these settings (the
+    defaults): threefry keys, partitionable (each element's bits hash its own index), low-range
+    Gumbels. Otherwise the draw computes the full noise (the same tokens, more work)."""
+    if not jax.config.jax_threefry_partitionable or jax.config.jax_high_dynamic_range_gumbel:
+        return False
+    if key is not None and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return str(jax.random.key_impl(key)) == "threefry2x32"
+    return jax.config.jax_default_prng_impl == "threefry2x32"  # raw uint32 keys: the default impl
+
+
+def gumbel_at(key, flat_index, size: int):
+    """``jax.random.gumbel(key, shape, float32).ravel()[flat_index]`` without drawing the other
+    elements (``size`` = the product of ``shape``): with partitionable threefry, element i's
+    32 random bits are ``threefry2x32(key; hi(i), lo(i))`` xor-folded, and the Gumbel is
+    ``-log(-log(u))`` of the uniform in [tiny, 1) those bits give. Exact only when
+    :func:`_gumbel_at_is_exact` (tests check it against ``jax.random.gumbel``). ``key``: a typed
+    threefry key or a raw uint32[2] one."""
+    from jax.extend.random import threefry2x32_p
+
+    if size >= 2 ** 31:
+        raise ValueError(f"gumbel_at: expected fewer than 2^31 elements, got {size}")
+    k1, k2 = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    lo = jnp.asarray(flat_index).astype(jnp.uint32)
+    b1, b2 = threefry2x32_p.bind(k1, k2, jnp.zeros_like(lo), lo)
+    bits = b1 ^ b2
+    one = np.array(1.0, np.float32).view(np.uint32)
+    floats = jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(bits, np.uint32(32 - 23)) | one,
+                                          jnp.float32) - jnp.float32(1.0)
+    tiny = jnp.float32(np.finfo(np.float32).tiny)
+    u = jax.lax.max(tiny, floats * (jnp.float32(1.0) - tiny) + tiny)
+    return -jnp.log(-jnp.log(u))
 
 
 def draw_with_noise(logits, noise, cfg: SamplingConfig):

@@ -173,33 +173,40 @@ def test_top_p_draws_equal_categorical_of_the_filtered_logits(scale, top_k, head
     assert (kept <= TOP_P_HEAD).all() == head  # the head branch, or the search branch, is taken
 
 
-def test_head_noise_draws_the_same_distribution():
-    """``head_noise``: Gumbels for the head tokens only. Draws stay inside the nucleus with the
-    filtered softmax's frequencies; the search branch draws categorical(fold_in(key, 1)); a
-    row's draw with its own key does not depend on the rows beside it."""
-    from swiftjax.sampling import TOP_P_HEAD, sample_token, sample_token_rows
+def test_gumbel_at_is_jax_random_gumbel_at_those_elements(monkeypatch):
+    """The noise of the head's tokens alone equals jax.random.gumbel's full draw there, so a
+    top-p draw computes it for 128 tokens instead of the vocabulary and draws the same token."""
+    from swiftjax import sampling as S
 
-    rs = np.random.RandomState(3)
-    logits = jnp.asarray((rs.randn(2, 3 * TOP_P_HEAD + 7) * 2.0).astype(np.float32))
-    cfg = SamplingConfig(temperature=0.7, top_p=0.9, head_noise=True)
-    probs = np.exp(_np_filter(np.asarray(logits, np.float64), 0.7, 0, 0.9))
-    probs /= probs.sum(-1, keepdims=True)
-    keys = jax.random.split(jax.random.key(1), 20000)
-    draws = np.asarray(jax.jit(jax.vmap(lambda k: sample_token(k, logits, cfg)))(keys))
-    for b in range(2):
-        assert (probs[b, draws[:, b]] > 0).all()  # never outside the nucleus
-        freq = np.bincount(draws[:, b], minlength=logits.shape[1]) / len(keys)
-        assert 0.5 * np.abs(freq - probs[b]).sum() < 0.03  # total variation (sampling noise ~0.01)
-        assert (probs[b] > 0).sum() > 3
-    full = np.asarray(jax.vmap(lambda k: sample_token(k, logits, SamplingConfig(temperature=0.7, top_p=0.9)))(keys))
-    assert (draws != full).any()  # other draws than full-vocabulary noise
-    flat = jnp.asarray((rs.randn(2, 3 * TOP_P_HEAD + 7) * 0.05).astype(np.float32))  # nucleus beyond the head
-    ours = jax.vmap(lambda k: sample_token(k, flat, cfg))(keys[:64])
-    ref = jax.vmap(lambda k: jax.random.categorical(jax.random.fold_in(k, 1), filter_logits(flat, cfg), axis=-1))(keys[:64])
-    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
-    rows = sample_token_rows(keys[:2], logits, cfg)
-    alone = [int(sample_token(keys[b], logits[b:b + 1], cfg)[0]) for b in range(2)]
-    assert np.asarray(rows).tolist() == alone
+    assert S._gumbel_at_is_exact()  # the default JAX settings
+    rs = np.random.RandomState(5)
+    for seed in range(3):
+        key = jax.random.key(seed)
+        idx = rs.randint(0, 50_000, size=(4, 16))
+        full = np.asarray(jax.random.gumbel(key, (50_000,), jnp.float32))
+        np.testing.assert_array_equal(np.asarray(S.gumbel_at(key, jnp.asarray(idx), 50_000)), full[idx])
+        full2 = np.asarray(jax.random.gumbel(key, (3, 1000), jnp.float32))  # a [B, V] draw: flat index b V + i
+        b, i = rs.randint(0, 3, 32), rs.randint(0, 1000, 32)
+        np.testing.assert_array_equal(np.asarray(S.gumbel_at(key, jnp.asarray(b * 1000 + i), 3000)), full2[b, i])
+    raw = jax.random.PRNGKey(4)  # a raw uint32 key: the default (threefry) impl
+    np.testing.assert_array_equal(np.asarray(S.gumbel_at(raw, jnp.arange(5), 10)),
+                                  np.asarray(jax.random.gumbel(raw, (10,), jnp.float32))[:5])
+    assert not S._gumbel_at_is_exact(jax.random.key(0, impl="rbg"))  # other key kinds: full noise
+    # whole draws: the head path and the full-noise path pick the same tokens, key by key
+    logits = jnp.asarray((rs.randn(6, 3 * S.TOP_P_HEAD + 7) * 2.0).astype(np.float32))
+    flat = jnp.asarray((rs.randn(6, 3 * S.TOP_P_HEAD + 7) * 0.05).astype(np.float32))  # nucleus beyond the head
+    cfg = SamplingConfig(temperature=0.7, top_p=0.9)
+    keys = jax.random.split(jax.random.key(9), 32)
+    draw = jax.jit(jax.vmap(lambda k, x: S.sample_token(k, x, cfg), in_axes=(0, None)))
+    rows = jax.jit(lambda ks, x: S.sample_token_rows(ks, x, cfg))
+    fast = [np.asarray(draw(keys, x)) for x in (logits, flat)] + [np.asarray(rows(keys[:6], logits))]
+    monkeypatch.setattr(S, "_gumbel_at_is_exact", lambda key=None: False)
+    draw = jax.jit(jax.vmap(lambda k, x: S.sample_token(k, x, cfg), in_axes=(0, None)))
+    rows = jax.jit(lambda ks, x: S.sample_token_rows(ks, x, cfg))
+    slow = [np.asarray(draw(keys, x)) for x in (logits, flat)] + [np.asarray(rows(keys[:6], logits))]
+    for f, sl in zip(fast, slow):
+        np.testing.assert_array_equal(f, sl)
+    assert len(np.unique(fast[0])) > 6  # the draws vary
 
 
 def test_shared_prompt_prefill_gives_the_same_samples(tmp_path):
