@@ -25,7 +25,15 @@ store stays readable until the new one is in place. A writer killed outright (SI
 loss) cannot clean up; its temporary directory records the host and pid that own it
 (``.owner``), and the next writer of the same store removes the leftovers (see
 :func:`remove_stale`): temporary directories whose owner is gone or that have no owner, and
-``.old-*`` directories once a store is in place. The reader refuses
+``.old-*`` directories once a store is in place.
+
+Resumable writing (``resume=True``, for stores that take hours): the writer works in
+``<dir>.partial`` and :meth:`FeatureStoreWriter.checkpoint` records the shards written so far
+in ``progress.json`` (fsynced shards first, then the progress file atomically). A writer killed
+in any way, or leaving its block with an exception, keeps that directory; the next resumable
+writer of the same path with the same feature dim, spec and metadata continues after the last
+checkpoint (:attr:`FeatureStoreWriter.rows_done`), anything else starts it afresh. Shards the
+progress file does not list are removed, so a half-written shard is never read. The reader refuses
 (ValueError naming the problem) a directory without a manifest (half-written), a missing or
 truncated file, and, when ``verify`` (the default), any file whose sha256 differs.
 """
@@ -61,6 +69,8 @@ __all__ = [
 FORMAT = "swiftjax-feature-store"
 VERSION = 1
 MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+PROGRESS = "progress.json"
 
 
 _OWNER = ".owner"
@@ -215,7 +225,7 @@ class FeatureStoreWriter:
 
     def __init__(self, path, feature_dim: int, spec: Mapping | None = None, *,
                  shard_rows: int = 4096, shard_bytes: int = 256 << 20, meta: Mapping | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, resume: bool = False):
         if not _is_int(feature_dim) or feature_dim < 1:
             raise ValueError(f"feature_dim: expected a positive int, got {feature_dim!r}")
         for name, v in (("shard_rows", shard_rows), ("shard_bytes", shard_bytes)):
@@ -231,8 +241,7 @@ class FeatureStoreWriter:
         self.overwrite = bool(overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(self.path)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.path.name}.tmp-", dir=self.path.parent))
-        (self.tmp / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        self.resume = bool(resume)
         self._buf: list[np.ndarray] = []
         self._buf_tokens = 0
         self._shards: list[dict] = []
@@ -242,7 +251,132 @@ class FeatureStoreWriter:
         self._extras: dict[str, list[np.ndarray]] | None = None
         self._rows_written = 0
         self._tokens_written = 0
+        self._checkpoints: list[int] = [0]
+        if self.resume:
+            self.tmp = self.path.parent / f"{self.path.name}{PARTIAL}"
+            self._open_partial()
+        else:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.path.name}.tmp-", dir=self.path.parent))
+        (self.tmp / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         self._state = "open"
+
+    # -------------------------------------------------------------- resuming
+    def _identity(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "feature_dim": self.feature_dim, "spec": self.spec,
+                "meta": self.meta}
+
+    def _open_partial(self) -> None:
+        """Take over ``<path>.partial``: continue its checkpointed rows when they were written
+        for the same store (identity), else empty it."""
+        d = self.tmp
+        if not d.is_dir():
+            d.mkdir()
+            return
+        owner = _owner(d)
+        if owner is not None and owner != (socket.gethostname(), os.getpid()):
+            host, pid = owner
+            if host != socket.gethostname() or _alive(pid):
+                raise ValueError(f"path: {d} is being written by process {pid} on {host} "
+                                 "(wait for it to finish or stop it)")
+        progress = None
+        try:
+            with open(d / PROGRESS) as fh:
+                progress = json.load(fh)
+        except (OSError, ValueError):
+            pass
+        keep: set[str] = set()
+        if isinstance(progress, dict) and progress.get("writer") == self._identity():
+            try:
+                keep = self._restore(progress)
+            except (KeyError, TypeError, ValueError):
+                self._reset_rows()
+                keep = set()
+        for f in d.iterdir():
+            if f.name not in keep and f.name != _OWNER:
+                if f.is_dir():
+                    shutil.rmtree(f, ignore_errors=True)
+                else:
+                    f.unlink(missing_ok=True)
+
+    def _reset_rows(self) -> None:
+        self._shards, self._lengths, self._labels, self._groups = [], [], [], []
+        self._extras, self._rows_written, self._tokens_written, self._checkpoints = None, 0, 0, [0]
+
+    def _restore(self, progress: dict) -> set[str]:
+        """Restore the checkpointed state; a listed shard that is missing or of another size
+        makes the whole progress invalid (ValueError)."""
+        shards = list(progress["shards"])
+        for e in shards:
+            f = self.tmp / str(e["file"])
+            if Path(e["file"]).name != e["file"] or not f.is_file() or f.stat().st_size != e["bytes"]:
+                raise ValueError(f"{f}: missing or truncated")
+        lengths = [int(x) for x in progress["lengths"]]
+        rows = shards[-1]["row_end"] if shards else 0
+        if len(lengths) != rows or len(progress["labels"]) != rows or len(progress["group_ids"]) != rows:
+            raise ValueError("inconsistent progress")
+        self._shards, self._lengths = shards, lengths
+        self._labels = [np.asarray(progress["labels"], np.float32)] if rows else []
+        self._groups = [np.asarray(progress["group_ids"], np.int64)] if rows else []
+        ex = progress.get("extras")
+        self._extras = None if ex is None else {k: [np.asarray(v["values"], np.dtype(v["dtype"]))] if rows else []
+                                               for k, v in ex.items()}
+        self._rows_written, self._tokens_written = rows, int(sum(lengths))
+        self._checkpoints = [int(c) for c in progress["checkpoints"]]
+        if self._checkpoints[-1] != rows:
+            raise ValueError("inconsistent progress")
+        return {e["file"] for e in shards}
+
+    @property
+    def rows_done(self) -> int:
+        """Rows already in the store (checkpointed by an earlier writer, or added and flushed
+        since); the caller adds the rows from this one on."""
+        return self._rows_written + len(self._buf)
+
+    def checkpoint(self) -> None:
+        """Flush the buffered rows as a shard and record every row so far in ``progress.json``
+        (resumable writers only): a later writer resumes after them."""
+        if not self.resume:
+            raise ValueError("FeatureStoreWriter.checkpoint: expected a writer opened with resume=True")
+        if self._state != "open":
+            raise ValueError(f"FeatureStoreWriter.checkpoint: the writer is {self._state}")
+        self._flush()
+        if self._checkpoints[-1] != self._rows_written:
+            self._checkpoints.append(self._rows_written)
+        extras = None if self._extras is None else {
+            k: {"dtype": np.concatenate(v).dtype.str if v else "<f8",
+                "values": np.concatenate(v).tolist() if v else []} for k, v in self._extras.items()}
+        progress = {"writer": self._identity(), "shards": self._shards, "lengths": self._lengths,
+                    "labels": np.concatenate(self._labels).tolist() if self._labels else [],
+                    "group_ids": np.concatenate(self._groups).tolist() if self._groups else [],
+                    "extras": extras, "checkpoints": self._checkpoints}
+        part = self.tmp / (PROGRESS + ".part")
+        with open(part, "w") as fh:
+            json.dump(progress, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(part, self.tmp / PROGRESS)
+
+    def rollback(self, rows: int) -> int:
+        """Forget the rows after the last checkpoint at or before ``rows`` (so several stores
+        written together continue from the same row); returns that checkpoint."""
+        if self._buf:
+            raise ValueError("FeatureStoreWriter.rollback: expected no buffered rows (call it right after opening)")
+        c = max(x for x in self._checkpoints if x <= rows)
+        if c == self._rows_written:
+            return c
+        for e in self._shards:
+            if e["row_end"] > c:
+                (self.tmp / e["file"]).unlink(missing_ok=True)
+        self._shards = [e for e in self._shards if e["row_end"] <= c]
+        self._lengths = self._lengths[:c]
+        self._labels = [np.concatenate(self._labels)[:c]] if c else []
+        self._groups = [np.concatenate(self._groups)[:c]] if c else []
+        if self._extras is not None:
+            self._extras = {k: [np.concatenate(v)[:c]] if c else [] for k, v in self._extras.items()}
+        self._rows_written, self._tokens_written = c, int(sum(self._lengths))
+        self._checkpoints = [x for x in self._checkpoints if x <= c]
+        self.checkpoint()
+        return c
 
     # -------------------------------------------------------------- input
     def _rows_from(self, features, mask) -> list[np.ndarray]:
@@ -378,6 +512,7 @@ class FeatureStoreWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp_manifest, self.tmp / MANIFEST)
+            (self.tmp / PROGRESS).unlink(missing_ok=True)
             self._install()
         except BaseException:
             self.abort()
@@ -408,10 +543,14 @@ class FeatureStoreWriter:
         remove_stale(self.path)  # .old-* of earlier replacements killed before their cleanup
 
     def abort(self) -> None:
-        """Discard everything written so far (the temporary directory)."""
+        """Discard everything written so far (the temporary directory); a resumable writer
+        keeps its checkpointed rows for the next one."""
         if self._state == "closed":
             return
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.resume:
+            (self.tmp / _OWNER).unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         self._buf = []
         self._state = "aborted"
 

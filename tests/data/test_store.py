@@ -320,3 +320,89 @@ def test_bad_constructor_and_batch_args(tmp_path):
     for bad in ([F_DIM], [-1], [], [[0]]):
         with pytest.raises(ValueError, match="columns: expected"):
             st.batch([0], columns=np.array(bad, int))
+
+
+_KILLED_RESUMABLE = """
+import os, signal, sys
+import numpy as np
+from swiftjax.data.store import FeatureStoreWriter
+rows = [np.full((i % 3 + 1, 6), i, np.float32) for i in range(7)]
+w = FeatureStoreWriter(sys.argv[1], 6, {"mode": "hidden"}, shard_rows=2, meta={"key": 1}, resume=True)
+w.add(rows[:3], np.ones(3), np.arange(3), extras={"index": np.arange(3)})
+w.checkpoint()
+w.add(rows[3:5], np.zeros(2), np.arange(3, 5), extras={"index": np.arange(3, 5)})  # 1 shard flushed, 1 row buffered
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _resumable(path, meta=None, **kw):
+    return FeatureStoreWriter(path, F_DIM, {"mode": "hidden"}, shard_rows=2, meta=meta or {"key": 1},
+                              resume=True, **kw)
+
+
+def test_resumable_writer_continues_after_its_last_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "st"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RESUMABLE, str(target)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    partial = tmp_path / "st.partial"
+    assert partial.is_dir() and not target.exists()
+    assert len(list(partial.glob("shard_*.npy"))) == 3  # 2 checkpointed + 1 flushed after it
+    rows = [np.full((i % 3 + 1, F_DIM), i, np.float32) for i in range(7)]
+    # other metadata (another store's content): the partial rows are not reused
+    with _resumable(target, meta={"key": 2}) as w:
+        assert w.rows_done == 0
+        w.add(rows, np.ones(7), np.arange(7), extras={"index": np.arange(7)})
+    assert FeatureStore(target).meta == {"key": 2} and not partial.exists()
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RESUMABLE, str(target) + "2"], capture_output=True)
+    assert proc.returncode == -9
+    with _resumable(tmp_path / "st2") as w:
+        assert w.rows_done == 3  # the unlisted shard written after the checkpoint is gone
+        assert sorted(f.name for f in (tmp_path / "st2.partial").glob("shard_*.npy")) == ["shard_00000.npy",
+                                                                                         "shard_00001.npy"]
+        w.add(rows[3:], np.zeros(4), np.arange(3, 7), extras={"index": np.arange(3, 7)})
+    st = FeatureStore(tmp_path / "st2")
+    assert len(st) == 7 and st.meta == {"key": 1}
+    for i in range(7):
+        np.testing.assert_array_equal(st.row(i), rows[i])
+    np.testing.assert_array_equal(st.labels, [1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(st.group_ids, np.arange(7))
+    np.testing.assert_array_equal(st.extras["index"], np.arange(7))
+    assert st.extras["index"].dtype == np.arange(7).dtype
+    assert not (tmp_path / "st2.partial").exists() and not (st.path / "progress.json").exists()
+
+
+def test_resumable_writer_rollback_exception_and_live_owner(tmp_path):
+    import os
+
+    rows = _rows(lengths=(2, 3, 1, 4, 2, 5))
+    target = tmp_path / "st"
+    with pytest.raises(RuntimeError, match="boom"):
+        with _resumable(target) as w:
+            w.add(rows[:2], [1, 0], [0, 0])
+            w.checkpoint()
+            w.add(rows[2:4], [1, 0], [1, 1])
+            w.checkpoint()
+            raise RuntimeError("boom")  # an exception keeps the checkpointed rows
+    assert not target.exists() and (tmp_path / "st.partial").is_dir()
+    w = _resumable(target)
+    assert w.rows_done == 4
+    assert w.rollback(3) == 2 and w.rows_done == 2  # back to the checkpoint at or before row 3
+    w.abort()
+    w = _resumable(target)
+    assert w.rows_done == 2  # the rollback was recorded
+    # a live writer owns the partial directory: a second one is refused
+    (tmp_path / "st.partial" / ".owner").write_text(f"{os.uname().nodename} {os.getppid()}\n")
+    with pytest.raises(ValueError, match="being written by process"):
+        _resumable(target)
+    (tmp_path / "st.partial" / ".owner").write_text(f"{os.uname().nodename} {os.getpid()}\n")
+    w.add(rows[2:], [1, 0, 1, 1], [1, 1, 2, 2])
+    w.close()
+    st = FeatureStore(target)
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(st.row(i), from_bf16_bits(to_bf16_bits(r)))
+    np.testing.assert_array_equal(st.labels, [1, 0, 1, 0, 1, 1])
+    with pytest.raises(ValueError, match="resume=True"):
+        FeatureStoreWriter(tmp_path / "other", F_DIM).checkpoint()
