@@ -9,23 +9,34 @@ serves any number of rows.
 * :func:`length_batches` is the teacher-forced side: rows grouped by length and each batch cut
   to the columns its rows use (width rounded up to a bucket), so a set of short responses in
   a wide padded array is not computed at full width; a few shapes compile instead of one.
+* :func:`prompt_batches` is the teacher-forced side for candidate sets, whose rows are runs of
+  responses to one prompt: each batch is one prompt (prefilled once) and up to ``B`` of its
+  responses, cut to the columns they use.
 * :func:`epoch_batches` is the training side: a fresh seeded permutation per epoch, so a
   resumed run sees the same data order.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["padded_batches", "length_batches", "take", "map_batches", "epoch_batches", "check_batch_size"]
+__all__ = ["padded_batches", "length_batches", "prompt_batches", "PromptBatch", "take", "map_batches",
+           "epoch_batches", "check_batch_size", "round_up"]
 
 
 def check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     return int(batch_size)
+
+
+def round_up(width: int, bucket: int | None, cap: int) -> int:
+    """``width`` rounded up to a multiple of ``bucket`` (None: ``cap``), at least 1, at most ``cap``."""
+    if bucket is None:
+        return int(cap)
+    return int(min(cap, max(1, -(-int(width) // bucket) * bucket)))
 
 
 def padded_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -86,9 +97,70 @@ def length_batches(attention_mask, batch_size: int, *, bucket: int | None = 64,
             real = rows[rows >= 0]
             real = real[end[real] > first[real]]  # rows without tokens need no columns
             lo, hi = (int(first[real].min()), int(end[real].max())) if real.size else (0, 0)
-            width = min(t, max(1, -(-(hi - lo) // bucket) * bucket))
+            width = round_up(hi - lo, bucket, t)
             out.append((rows, min(lo, t - width), width))
     return out
+
+
+class PromptBatch(NamedTuple):
+    """One batch of :func:`prompt_batches`: ``rows`` [batch_size] (-1 pads), whose shared prompt
+    is row ``prompt_row``'s columns ``[prompt_start, response_start)``, and whose responses lie
+    in columns ``[response_start[b], response_start[b] + width)`` of their own rows."""
+
+    rows: np.ndarray
+    prompt_row: int
+    width: int
+
+
+def prompt_batches(input_ids, attention_mask, response_mask, batch_size: int, *,
+                   bucket: int | None = 64) -> tuple[int, list[PromptBatch]] | None:
+    """Batches that share a prompt: ``(prompt_width, [PromptBatch])``, or None when the rows do
+    not have that shape.
+
+    Rows qualify when every row's response (its ``response_mask`` tokens) is the non-empty
+    tail of its real tokens and consecutive rows often repeat a prompt (the same ids before
+    the response; runs of at least two on average): a candidate set in group order. Each run is
+    sorted by response length and cut into batches of ``batch_size`` rows; a batch's width is
+    its longest response rounded up to ``bucket`` (None: the longest response of the set), and
+    ``prompt_width`` is the longest prompt rounded up the same way, so few shapes compile.
+    Batches come in row order of their runs."""
+    batch_size = check_batch_size(batch_size)
+    ids = np.asarray(input_ids)
+    attn = np.asarray(attention_mask) != 0
+    resp = np.asarray(response_mask) != 0
+    n, t = attn.shape
+    if n == 0:
+        return None
+    first, end = row_spans(attn)
+    r_first, r_end = row_spans(resp)
+    r_len = r_end - r_first
+    if np.any(r_len < 1) or np.any(r_end != end) or np.any(r_first <= first):
+        return None
+    if any(not resp[i, r_first[i]:r_end[i]].all() or not attn[i, first[i]:end[i]].all() for i in range(n)):
+        return None
+    runs, start = [], 0
+    for i in range(1, n + 1):
+        same = (i < n and r_first[i] - first[i] == r_first[start] - first[start]
+                and np.array_equal(ids[i, first[i]:r_first[i]], ids[start, first[start]:r_first[start]]))
+        if not same:
+            runs.append(np.arange(start, i))
+            start = i
+    if n / len(runs) < 2:
+        return None
+    prompt_width = int((r_first - first).max())
+    prompt_width = round_up(prompt_width, bucket, t) if bucket is not None else prompt_width
+    longest = int(r_len.max())
+    out = []
+    for run in runs:
+        head = int(run[0])
+        run = run[np.argsort(r_len[run], kind="stable")]
+        for s in range(0, len(run), batch_size):
+            rows = np.full(batch_size, -1, np.int64)
+            real = run[s: s + batch_size]
+            rows[: real.size] = real
+            width = round_up(int(r_len[real].max()), bucket, t) if bucket is not None else longest
+            out.append(PromptBatch(rows, head, width))
+    return prompt_width, out
 
 
 def take(arr, rows: np.ndarray) -> np.ndarray:

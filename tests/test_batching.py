@@ -3,7 +3,7 @@ batch's columns, widths on the bucket grid, windows kept."""
 import numpy as np
 import pytest
 
-from swiftjax.batching import length_batches, padded_batches, row_spans
+from swiftjax.batching import length_batches, padded_batches, prompt_batches, round_up, row_spans
 
 
 def _mask(rs, n, t):
@@ -80,3 +80,52 @@ def test_length_batches_bad_arguments(kw, match):
         length_batches(np.ones((4, 8)), 4, **kw)
     with pytest.raises(ValueError, match="attention_mask"):
         length_batches(np.ones(8), 4)
+
+
+def test_round_up():
+    assert [round_up(w, 64, 200) for w in (0, 1, 64, 65, 190, 199)] == [1, 64, 64, 128, 192, 200]
+    assert round_up(5, None, 40) == 40
+
+
+def _pairs(prompts, responses, t=32):
+    """encode_pairs' layout: prompt then response, right-padded."""
+    ids = np.zeros((len(prompts), t), np.int32)
+    attn = np.zeros_like(ids)
+    resp = np.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, : len(p) + len(r)] = p + r
+        attn[i, : len(p) + len(r)] = 1
+        resp[i, len(p): len(p) + len(r)] = 1
+    return ids, attn, resp
+
+
+def test_prompt_batches_group_runs_of_one_prompt():
+    a, b = [5, 6, 7], [8, 9]
+    lens = [4, 1, 9, 2, 3, 7]
+    prompts = [a, a, a, b, b, a]              # the last row repeats prompt a after b: its own run
+    ids, attn, resp = _pairs(prompts, [[3] * n for n in lens])
+    width, batches = prompt_batches(ids, attn, resp, 2, bucket=4)
+    assert width == 4                          # longest prompt 3, rounded up to the bucket
+    got = [(list(b.rows), b.prompt_row, b.width) for b in batches]
+    # each run sorted by response length, cut into batches of 2, width = longest response rounded up
+    assert got == [([1, 0], 0, 4), ([2, -1], 0, 12), ([3, 4], 3, 4), ([5, -1], 5, 8)]
+    # every row once; a batch's rows share its prompt row's prompt
+    rows = np.concatenate([b.rows for b in batches])
+    assert sorted(rows[rows >= 0]) == list(range(len(lens)))
+    assert prompt_batches(ids, attn, resp, 2, bucket=None)[1][1].width == 9
+
+
+@pytest.mark.parametrize("case", ["no_sharing", "response_not_tail", "empty_response", "no_prompt"])
+def test_prompt_batches_refuse_other_layouts(case):
+    prompts = [[5, 6], [5, 6], [7], [7]]
+    responses = [[3, 4], [3], [4, 4, 4], [9]]
+    if case == "no_sharing":
+        prompts = [[i + 3] for i in range(4)]
+    if case == "empty_response":
+        responses[2] = []
+    if case == "no_prompt":
+        prompts[0] = prompts[1] = []
+    ids, attn, resp = _pairs(prompts, responses)
+    if case == "response_not_tail":
+        attn[0, 4] = 1                         # a real token after row 0's response
+    assert prompt_batches(ids, attn, resp, 2) is None

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swiftjax.batching import round_up
 from swiftjax.methods.swift import head as swift
 from swiftjax._checks import check_rank, check_same_shape
 
@@ -128,7 +129,7 @@ def _pad_width(source, rows) -> int:
     if lengths is None:
         return source.max_len
     longest = int(np.max(np.asarray(lengths)[np.asarray(rows)]))
-    return min(-(-longest // PAD_BUCKET) * PAD_BUCKET, source.max_len)
+    return round_up(longest, PAD_BUCKET, source.max_len)
 
 
 def split_groups(num_groups: int, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
