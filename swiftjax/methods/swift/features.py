@@ -43,8 +43,9 @@ from swiftjax import parallel
 from swiftjax.methods.swift import head as swift
 from swiftjax.methods.swift.prune import drop_lowest
 from swiftjax._checks import check_int, check_rank, check_same_shape
-from swiftjax.batching import length_batches, take
+from swiftjax.batching import length_batches, prompt_batches, row_spans, take
 from swiftjax.sampling import LMDecoder, SamplingConfig, check_ids_in_vocab, constrain_cache, run_sampler
+from swiftjax.models.cache import init_cache
 from swiftjax.models.config import ModelConfig
 from swiftjax.models.transformer import HiddenState, LayerProjection, Taps
 
@@ -251,27 +252,56 @@ def _features_many(model, ids, attn, resp, specs, layers_each):
     hidden specs' layers (the final norm is applied per spec afterwards, the same function the
     forward would apply) and computes the logits only when a logits-mode spec needs them."""
     states, logits = _sown(model, ids, attn, specs, layers_each)
+    return _features_from(model, states, logits, ids, resp, specs, layers_each)
+
+
+def _features_from(model, states, logits, ids, resp, specs, layers_each, first=None):
+    """Traced: the per-spec features of one forward's sown states / logits (``first``: the logits
+    before ``ids[:, 0]`` when the batch continues a prefilled prompt, else None)."""
     outs = []
     for spec, layers in zip(specs, layers_each):
         if spec.mode == "hidden":
             x = jnp.concatenate([_tap(model, states[i], spec.apply_norm) for i in layers], axis=-1)
         else:
-            x = _logit_feats(logits, ids, spec)
+            x = _logit_feats(logits, ids, spec, first)
         outs.append(jnp.where(resp[..., None] > 0, x, 0.0))
     return tuple(outs)
 
 
-def _sown(model, ids, attn, specs, layers_each):
-    """Traced: one forward -> ({i: raw state [B, T, D]} for the union of the hidden specs' layers,
-    logits [B, T, V] or None when no spec reads them)."""
+def _needs_logits(specs) -> bool:
+    return any(s.mode != "hidden" for s in specs)
+
+
+def _sown(model, ids, attn, specs, layers_each, cache=None):
+    """Traced: one forward (on ``cache`` when given) -> ({i: raw state [B, T, D]} for the union
+    of the hidden specs' layers, logits [B, T, V] or None when no spec reads them)."""
     hidden = sorted({i for s, ls in zip(specs, layers_each) if s.mode == "hidden" for i in ls})
-    need_logits = any(s.mode != "hidden" for s in specs)
+    need_logits = _needs_logits(specs)
     if not hidden:
-        return {}, model(ids, attn).logits if need_logits else None
-    out, inter = nnx.capture(model, HiddenState)(ids, attn, taps=Taps(layers=tuple(hidden)),
+        return {}, model(ids, attn, cache=cache).logits if need_logits else None
+    out, inter = nnx.capture(model, HiddenState)(ids, attn, cache=cache, taps=Taps(layers=tuple(hidden)),
                                                  compute_logits=need_logits)
     flat = nnx.to_pure_dict(inter)
     return {i: flat[f"state_{i:03d}"][0] for i in hidden}, out.logits
+
+
+def _prefill_shared(model, prompt_ids, prompt_mask, rows: int, width: int, need_logits: bool):
+    """Traced: one prompt [1, P] (left-padded) prefilled into a cache of ``P + width`` slots and
+    repeated to ``rows`` rows -> (cache, the prompt's last logits [rows, 1, V] or None). The
+    responses then run on that cache: the prompt is computed once for all of them."""
+    c = init_cache(model.config, 1, prompt_ids.shape[1] + width, jnp.float32)
+    o = model(prompt_ids, prompt_mask, cache=c, compute_logits=need_logits, last_only=True)
+    cache = constrain_cache(jax.tree.map(lambda x: jnp.repeat(x, rows, axis=0) if x.ndim else x, o.cache))
+    return cache, (jnp.repeat(o.logits, rows, axis=0) if need_logits else None)
+
+
+def _sown_shared(model, prompt_ids, prompt_mask, ids, attn, specs, layers_each):
+    """Traced :func:`_sown` of responses [b, W] that continue one shared prompt [1, P]:
+    (states, logits, the prompt's last logits or None)."""
+    cache, first = _prefill_shared(model, prompt_ids, prompt_mask, ids.shape[0], ids.shape[1],
+                                   _needs_logits(specs))
+    states, logits = _sown(model, ids, attn, specs, layers_each, cache=cache)
+    return states, logits, first
 
 
 def _tap(model, h, apply_norm: bool):
@@ -279,14 +309,17 @@ def _tap(model, h, apply_norm: bool):
     return (model.final_norm(h) if apply_norm else h).astype(jnp.float32)
 
 
-def token_logprob_features(logits, ids, k: int = 0):
+def token_logprob_features(logits, ids, k: int = 0, first=None):
     """Per token t: [log p(ids[t] | ids[<t]), entropy of that distribution, its k largest
-    log-probs (sorted)] -> [B, T, 2 + k] float32, read from the logits at t - 1 (zeros at t = 0).
+    log-probs (sorted)] -> [B, T, 2 + k] float32, read from the logits at t - 1; at t = 0 from
+    ``first`` [B, 1, V] (the logits before ``ids[:, 0]``, when the batch continues a prefilled
+    prompt), or zeros when None.
 
     A sampled mistake is a token the model itself found unlikely; a linear gate over these
     features can weight such tokens, which hidden states alone expose only bilinearly."""
     lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    prev = jnp.concatenate([jnp.zeros_like(lp[:, :1]), lp[:, :-1]], axis=1)
+    lp0 = jnp.zeros_like(lp[:, :1]) if first is None else jax.nn.log_softmax(first.astype(jnp.float32), axis=-1)
+    prev = jnp.concatenate([lp0, lp[:, :-1]], axis=1)
     tok = jnp.take_along_axis(prev, ids[..., None].astype(jnp.int32), axis=-1)
     ent = -jnp.sum(jnp.exp(prev) * prev, axis=-1, keepdims=True)
     parts = [tok, ent]
@@ -295,9 +328,9 @@ def token_logprob_features(logits, ids, k: int = 0):
     return jnp.concatenate(parts, axis=-1)
 
 
-def _logit_feats(logits, ids, spec: FeatureSpec):
+def _logit_feats(logits, ids, spec: FeatureSpec, first=None):
     if spec.mode == "token_logprobs":
-        return token_logprob_features(logits, ids, spec.k)
+        return token_logprob_features(logits, ids, spec.k, first)
     return swift.logits_features(logits, _LOGITS_MODE[spec.mode], spec.k)
 
 
@@ -310,6 +343,14 @@ def _split_rows(*xs):
 def _extract_many(state, ids, attn, resp, *, graphdef, specs, layers):
     ids, attn, resp = _split_rows(ids, attn, resp)
     return _features_many(nnx.merge(graphdef, state), ids, attn, resp, specs, layers)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "specs", "layers"))
+def _extract_many_shared(state, prompt_ids, prompt_mask, ids, attn, resp, *, graphdef, specs, layers):
+    ids, attn, resp = _split_rows(ids, attn, resp)
+    model = nnx.merge(graphdef, state)
+    states, logits, first = _sown_shared(model, prompt_ids, prompt_mask, ids, attn, specs, layers)
+    return _features_from(model, states, logits, ids, resp, specs, layers, first)
 
 
 def _layers_or_empty(spec: FeatureSpec, cfg: ModelConfig) -> tuple[int, ...]:
@@ -396,21 +437,76 @@ def iter_feature_batches(model, ids, attention_mask, response_mask, spec: Featur
         yield FeatureBatch(rows=rows, features=feats[0], mask=mask, start=start)
 
 
-def _iter_many(model, ids, attention_mask, response_mask, specs, batch_size, *, bucket, window, progress):
+def _iter_many(model, ids, attention_mask, response_mask, specs, batch_size, *, bucket, window, progress,
+               share_prompts: bool = False):
     """:func:`iter_feature_batches` for several specs from one forward per batch: yields
-    (rows, (features per spec), mask, start). Checks everything before the first forward."""
+    (rows, (features per spec), mask, start) (``start`` None for prompt-shared batches, whose
+    columns are each row's response). Checks everything before the first forward."""
     cfg = _model_cfg(model)
     specs, layers = _check_specs(specs, cfg)
     batch_size = _check_batch_size(batch_size)
     ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
-    batches = length_batches(attn, batch_size, bucket=bucket, window=window)
+    total, cuts = _cuts(ids, attn, resp, batch_size, bucket=bucket, window=window, share_prompts=share_prompts)
     graphdef, state = nnx.split(model)
-    for rows, start, width in _progress(batches, len(batches), progress, "features"):
-        cols = slice(start, start + width)
-        m = take(resp, rows)[:, cols] * (rows >= 0)[:, None]
-        x = _extract_many(state, take(ids, rows)[:, cols], take(attn, rows)[:, cols], m, graphdef=graphdef,
-                          specs=specs, layers=layers)
-        yield rows, x, m, start
+    for c in _progress(cuts, total, progress, "features"):
+        if c.prompt is None:
+            x = _extract_many(state, c.ids, c.attn, c.resp, graphdef=graphdef, specs=specs, layers=layers)
+        else:
+            x = _extract_many_shared(state, *c.prompt, c.ids, c.attn, c.resp, graphdef=graphdef, specs=specs,
+                                     layers=layers)
+        yield c.rows, x, c.resp, c.start
+
+
+class _Cut(NamedTuple):
+    """One batch to compute: ``rows`` [b] (-1 pads, their response mask zeroed) and its inputs
+    ids / attn / resp [b, W]: columns ``[start, start + W)`` of the set, or (``prompt`` =
+    (ids, mask) [1, P] left-padded, ``start`` None) each row's response alone, continuing the
+    prompt its rows share."""
+
+    rows: np.ndarray
+    ids: np.ndarray
+    attn: np.ndarray
+    resp: np.ndarray
+    start: int | None = None
+    prompt: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _cuts(ids, attn, resp, batch_size: int, *, bucket, window=None, share_prompts: bool = False):
+    """(number of batches, iterator of :class:`_Cut`) over a checked set: prompt-shared batches
+    (:func:`swiftjax.batching.prompt_batches`) when ``share_prompts`` and the rows have that
+    shape, else length-sorted column cuts (:func:`swiftjax.batching.length_batches`)."""
+    plan = prompt_batches(ids, attn, resp, batch_size, bucket=bucket) if share_prompts else None
+    if plan is None:
+        batches = length_batches(attn, batch_size, bucket=bucket, window=window)
+
+        def plain():
+            for rows, start, width in batches:
+                cols = slice(start, start + width)
+                yield _Cut(rows, take(ids, rows)[:, cols], take(attn, rows)[:, cols],
+                           take(resp, rows)[:, cols] * (rows >= 0)[:, None], start)
+
+        return len(batches), plain()
+    width_p, batches = plan
+    first, _ = row_spans(attn)
+    r0, r1 = row_spans(resp)
+
+    def shared():
+        for b in batches:
+            i = b.prompt_row
+            p = ids[i, first[i]:r0[i]]
+            p_ids = np.zeros((1, width_p), ids.dtype)
+            p_mask = np.zeros((1, width_p), attn.dtype)
+            p_ids[0, width_p - p.size:] = p
+            p_mask[0, width_p - p.size:] = 1
+            r_ids = np.zeros((b.rows.size, b.width), ids.dtype)
+            r_mask = np.zeros((b.rows.size, b.width), attn.dtype)
+            for j, r in enumerate(b.rows):
+                if r >= 0:
+                    r_ids[j, : r1[r] - r0[r]] = ids[r, r0[r]:r1[r]]
+                    r_mask[j, : r1[r] - r0[r]] = 1
+            yield _Cut(b.rows, r_ids, r_mask, r_mask.astype(resp.dtype), None, (p_ids, p_mask))
+
+    return len(batches), shared()
 
 
 def response_rows(features, mask) -> list[np.ndarray]:
@@ -450,7 +546,7 @@ def pad_rows(rows: Sequence, pad_to: int | None = None) -> tuple[np.ndarray, np.
 
 def write_store(path, model, spec: FeatureSpec, ids, attention_mask, response_mask, labels,
                 group_ids, *, batch_size: int = 32, window_batches: int = 16, meta: Mapping | None = None,
-                progress: bool = False, **writer_kw):
+                progress: bool = False, **kw):
     """Extract the features of a candidate set batch by batch into a feature store at ``path``
     (response tokens only, bf16 on disk; see :mod:`swiftjax.data.store`). labels: [N] in [0, 1];
     group_ids: [N] int (the prompt each candidate answers). Returns the store's path.
@@ -458,18 +554,29 @@ def write_store(path, model, spec: FeatureSpec, ids, attention_mask, response_ma
     Rows are computed length-sorted inside windows of ``window_batches * batch_size``
     consecutive rows (:func:`iter_feature_batches`) and written in row order, so the store's
     row i is candidate i. Peak memory: one window of response-token features plus the writer's
-    shard buffer."""
+    shard buffer. Options as :func:`write_stores`."""
     return write_stores([path], model, [spec], ids, attention_mask, response_mask, labels, group_ids,
                         batch_size=batch_size, window_batches=window_batches, metas=[meta], progress=progress,
-                        **writer_kw)[0]
+                        **kw)[0]
 
 
 def write_stores(paths: Sequence, model, specs: Sequence[FeatureSpec], ids, attention_mask, response_mask,
                  labels, group_ids, *, batch_size: int = 32, window_batches: int = 16,
-                 metas: Sequence[Mapping | None] | None = None, progress: bool = False, **writer_kw) -> list:
+                 metas: Sequence[Mapping | None] | None = None, progress: bool = False,
+                 share_prompts: bool = False, resume: bool = False, checkpoint_rows: int = 64,
+                 **writer_kw) -> list:
     """:func:`write_store` for several specs from ONE forward per batch: store ``paths[s]`` holds
     the features of ``specs[s]`` (with ``metas[s]``). Every store is written whole or not at all:
-    an error in any of them aborts them all. Returns the stores' paths."""
+    an error in any of them aborts them all. Returns the stores' paths.
+
+    share_prompts: rows that repeat a prompt (a candidate set in group order) are computed as
+      that prompt prefilled once and each batch of its responses forwarded on the prompt's
+      cache (:func:`swiftjax.batching.prompt_batches`); the same features up to float rounding,
+      without recomputing the prompt for every candidate. Falls back to length-sorted batches
+      when the rows do not have that shape.
+    resume: the stores are written resumably (:class:`swiftjax.data.store.FeatureStoreWriter`
+      ``resume=True``), checkpointed every ``checkpoint_rows`` rows; a killed run rerun with the
+      same arguments continues from the last row every store had checkpointed."""
     from swiftjax.data.store import FeatureStoreWriter
 
     cfg = _model_cfg(model)
@@ -480,37 +587,58 @@ def write_stores(paths: Sequence, model, specs: Sequence[FeatureSpec], ids, atte
         raise ValueError(f"paths, metas: expected one per spec ({len(specs)}), got {len(paths)} and {len(metas)}")
     if len({str(p) for p in paths}) != len(paths):
         raise ValueError(f"paths: expected distinct store paths, got {[str(p) for p in paths]}")
-    _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)  # before any writer opens
+    ids, attention_mask, response_mask = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
     batch_size = _check_batch_size(batch_size)
     if not _is_int(window_batches) or window_batches < 1:
         raise ValueError(f"window_batches: expected a positive int, got {window_batches!r}")
-    n = np.shape(ids)[0] if np.ndim(ids) == 2 else -1
+    if not _is_int(checkpoint_rows) or checkpoint_rows < 1:
+        raise ValueError(f"checkpoint_rows: expected a positive int, got {checkpoint_rows!r}")
+    n = ids.shape[0]
     labels = np.asarray(labels)
     group_ids = np.asarray(group_ids)
     if labels.shape != (n,) or group_ids.shape != (n,):
         raise ValueError(f"labels, group_ids: expected shape ({n},) (one per row of ids), "
                          f"got {labels.shape} and {group_ids.shape}")
     info = {"model_type": cfg.model_type, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size}
-    pending: dict[int, list[np.ndarray]] = {}
-    done = 0
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(FeatureStoreWriter(p, feature_dim(s, cfg), s.to_dict(),
-                                                          meta={**info, **dict(m or {})}, **writer_kw))
+                                                          meta={**info, **dict(m or {})}, resume=resume,
+                                                          **writer_kw))
                    for p, s, m in zip(paths, specs, metas)]
-        for rows, feats, mask, _ in _iter_many(model, ids, attention_mask, response_mask, specs, batch_size,
-                                               bucket=64, window=window_batches * batch_size, progress=progress):
-            keep = rows >= 0
-            per_spec = [response_rows(jax.device_get(x)[keep], mask[keep]) for x in feats]
-            pending.update(zip(rows[keep].tolist(), zip(*per_spec)))
-            run = []
-            while done + len(run) in pending:
-                run.append(pending.pop(done + len(run)))
-            if run:
-                sel = np.arange(done, done + len(run))
-                for w, rows_s in zip(writers, zip(*run)):
-                    w.add(list(rows_s), labels=labels[sel], group_ids=group_ids[sel])
-                done += len(run)
+        done = skip = _common_checkpoint(writers) if resume else 0
+        pending: dict[int, list[np.ndarray]] = {}
+        last = done
+        if done < n:
+            batches = _iter_many(model, ids[skip:], attention_mask[skip:], response_mask[skip:], specs, batch_size,
+                                 bucket=64, window=window_batches * batch_size, progress=progress,
+                                 share_prompts=share_prompts)
+            for rows, feats, mask, _ in batches:
+                keep = rows >= 0
+                per_spec = [response_rows(jax.device_get(x)[keep], mask[keep]) for x in feats]
+                pending.update(zip((rows[keep] + skip).tolist(), zip(*per_spec)))
+                run = []
+                while done + len(run) in pending:
+                    run.append(pending.pop(done + len(run)))
+                if run:
+                    sel = np.arange(done, done + len(run))
+                    for w, rows_s in zip(writers, zip(*run)):
+                        w.add(list(rows_s), labels=labels[sel], group_ids=group_ids[sel])
+                    done += len(run)
+                    if resume and done - last >= checkpoint_rows:
+                        for w in writers:
+                            w.checkpoint()
+                        last = done
     return [w.path for w in writers]
+
+
+def _common_checkpoint(writers) -> int:
+    """Roll resumable writers back to the last row they all checkpointed; returns it."""
+    done = min(w.rows_done for w in writers)
+    while True:
+        got = [w.rollback(done) for w in writers]
+        if min(got) == done:
+            return done
+        done = min(got)
 
 
 # ----------------------------------------------------------------------------- fused scoring
@@ -629,36 +757,38 @@ def _over_head_batches(fn, per_token: bool, label: str, model, params, spec, ids
     graphdef, state = nnx.split(model)
     layers = _layers_or_empty(spec, cfg)
     return _over_batches(lambda i, a, r: fn(state, params, i, a, r, graphdef=graphdef, spec=spec, layers=layers),
-                         (), per_token, label, ids, attn, resp, batch_size, progress, bucket)
+                         None, (), per_token, label, ids, attn, resp, batch_size, progress, bucket)
 
 
-def _over_batches(call, lead: tuple, per_token: bool, label: str, ids, attn, resp, batch_size, progress,
-                  bucket) -> np.ndarray:
+def _over_batches(call, call_shared, lead: tuple, per_token: bool, label: str, ids, attn, resp, batch_size,
+                  progress, bucket) -> np.ndarray:
     """``call(ids, attn, resp)`` -> [*lead, b] (or [*lead, b, w] when ``per_token``) over
     length-sorted batches cut to their columns (:func:`swiftjax.batching.length_batches`),
-    gathered into [*lead, N] (or [*lead, N, T]) float32 in row order."""
-    batches = length_batches(attn, batch_size, bucket=bucket)
+    gathered into [*lead, N] (or [*lead, N, T]) float32 in row order. With ``call_shared(prompt_ids,
+    prompt_mask, ids, attn, resp)`` (per-row outputs only) the rows are computed as shared
+    prompts and their responses when they have that shape (:func:`_cuts`)."""
+    total, cuts = _cuts(ids, attn, resp, batch_size, bucket=bucket, share_prompts=call_shared is not None)
     n = ids.shape[0]
     out = np.zeros(tuple(lead) + ((n, ids.shape[1]) if per_token else (n,)), np.float32)
-    for rows, start, width in _progress(batches, len(batches), progress, label):
-        cols = slice(start, start + width)
-        s = np.asarray(call(take(ids, rows)[:, cols], take(attn, rows)[:, cols], take(resp, rows)[:, cols]))
-        keep = rows >= 0
+    for c in _progress(cuts, total, progress, label):
+        s = np.asarray(call(c.ids, c.attn, c.resp) if c.prompt is None else call_shared(*c.prompt, c.ids, c.attn, c.resp))
+        keep = c.rows >= 0
         if per_token:
-            out[..., rows[keep], cols] = s[..., keep, :]
+            out[..., c.rows[keep], c.start:c.start + c.ids.shape[1]] = s[..., keep, :]
         else:
-            out[..., rows[keep]] = s[..., keep]
+            out[..., c.rows[keep]] = s[..., keep]
     return out
 
 
-def _head_projection(model, params, spec: FeatureSpec, layers, states, logits, ids):
-    """Traced: [B, T, C] = the head over one spec's features, from sown raw states / logits."""
+def _head_projection(model, params, spec: FeatureSpec, layers, states, logits, ids, first=None):
+    """Traced: [B, T, C] = the head over one spec's features, from sown raw states / logits
+    (``first``: as :func:`_features_from`)."""
     if spec.mode == "hidden":
         proj = params["bias"].astype(jnp.float32)
         for i, w in zip(layers, swift.split_kernel(params, model.config.hidden_size)):
             proj = proj + jnp.einsum("btd,dk->btk", _tap(model, states[i], spec.apply_norm), w.astype(jnp.float32))
         return proj
-    x = _logit_feats(logits, ids, spec)
+    x = _logit_feats(logits, ids, spec, first)
     return jnp.einsum("btf,fc->btc", x, params["kernel"].astype(jnp.float32)) + params["bias"].astype(jnp.float32)
 
 
@@ -671,13 +801,25 @@ def _fused_many(state, heads, ids, attn, resp, *, graphdef, specs, layers):
                       for p, s, ls in zip(heads, specs, layers)])
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "specs", "layers"))
+def _fused_many_shared(state, heads, prompt_ids, prompt_mask, ids, attn, resp, *, graphdef, specs, layers):
+    ids, attn, resp = _split_rows(ids, attn, resp)
+    model = nnx.merge(graphdef, state)
+    states, logits, first = _sown_shared(model, prompt_ids, prompt_mask, ids, attn, specs, layers)
+    return jnp.stack([swift.score_from_projections(_head_projection(model, p, s, ls, states, logits, ids, first),
+                                                   resp)
+                      for p, s, ls in zip(heads, specs, layers)])
+
+
 def fused_scores_many(model, heads: Sequence[tuple[Any, FeatureSpec]], ids, attention_mask, response_mask,
-                      batch_size: int = 32, *, bucket: int | None = 64, progress: bool = False) -> np.ndarray:
+                      batch_size: int = 32, *, bucket: int | None = 64, progress: bool = False,
+                      share_prompts: bool = False) -> np.ndarray:
     """The scores of several SWIFT heads (``(params, spec)`` pairs, any mix of specs) over a whole
     set from ONE forward per batch -> [H, N] float32, each row equal to
     :func:`fused_scores_batched` of that head. The forward sows the raw states of the union of
     the heads' layers (each head applies the final norm itself when its spec asks) and the
-    logits when a logits-mode head needs them; memory per batch: those states, [B, T, D] each."""
+    logits when a logits-mode head needs them; memory per batch: those states, [B, T, D] each.
+    ``share_prompts``: as :func:`write_stores` (each prompt computed once for its responses)."""
     cfg = _model_cfg(model)
     if not isinstance(heads, Sequence) or not heads or not all(isinstance(h, tuple) and len(h) == 2 for h in heads):
         raise ValueError("heads: expected a non-empty sequence of (params, FeatureSpec) pairs")
@@ -688,9 +830,13 @@ def fused_scores_many(model, heads: Sequence[tuple[Any, FeatureSpec]], ids, atte
     ids, attn, resp = _check_batch(ids, attention_mask, response_mask, cfg.vocab_size)
     graphdef, state = nnx.split(model)
     params = tuple(p for p, _ in heads)
+    shared = None
+    if share_prompts:
+        def shared(pi, pm, i, a, r):
+            return _fused_many_shared(state, params, pi, pm, i, a, r, graphdef=graphdef, specs=specs, layers=layers)
     return _over_batches(lambda i, a, r: _fused_many(state, params, i, a, r, graphdef=graphdef, specs=specs,
                                                      layers=layers),
-                         (len(heads),), False, "scores", ids, attn, resp, batch_size, progress, bucket)
+                         shared, (len(heads),), False, "scores", ids, attn, resp, batch_size, progress, bucket)
 
 
 # ----------------------------------------------------------------------------- decoding

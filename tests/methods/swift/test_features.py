@@ -568,3 +568,103 @@ def test_fused_prefix_scores_equal_the_fused_score_of_each_prefix(models):
         cut = resp * (np.arange(9)[None] <= t)
         np.testing.assert_allclose(got[:, t], np.asarray(F.fused_scores(model, p, spec, ids, attn, cut)),
                                    atol=FUSED_TOL, rtol=FUSED_TOL)
+
+
+def _candidate_set(seed=3, groups=3, n=4, t=40, vocab=97):
+    """A candidate set in group order (encode_pairs' layout): per group one prompt of its own
+    length, then n responses of different lengths, right-padded."""
+    rs = np.random.RandomState(seed)
+    rows = []
+    for g in range(groups):
+        prompt = rs.randint(3, vocab, size=4 + 3 * g)
+        for j in range(n):
+            rows.append(np.concatenate([prompt, rs.randint(3, vocab, size=int(rs.randint(1, t - prompt.size + 1)))]))
+            rows[-1] = (rows[-1], prompt.size)
+    ids = np.zeros((len(rows), t), np.int32)
+    attn = np.zeros_like(ids)
+    resp = np.zeros_like(ids)
+    for i, (r, p) in enumerate(rows):
+        ids[i, : r.size] = r
+        attn[i, : r.size] = 1
+        resp[i, p: r.size] = 1
+    return ids, attn, resp
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_shared_prompt_forward_equals_the_full_forward(models, tmp_path, arch):
+    """Each prompt prefilled once and its responses forwarded on the broadcast cache give every
+    row's own full-forward features (hidden, normed, token log-probs whose first token reads the
+    prompt's last logits, top-k) and fused scores; fewer tokens are computed."""
+    _, model, cfg = models(arch)
+    ids, attn, resp = _candidate_set()
+    last = cfg.num_layers
+    specs = [F.FeatureSpec(), F.FeatureSpec(layers=(last, 1), apply_norm=True),
+             F.FeatureSpec(mode="token_logprobs", k=3), F.FeatureSpec(mode="topk_logprobs", k=4)]
+    each = [np.asarray(F.extract(model, ids, attn, resp, s)) for s in specs]
+    on = resp > 0
+    calls = []
+    real = F._extract_many_shared
+
+    def counted(*a, **kw):
+        calls.append(a[3].shape)
+        return real(*a, **kw)
+
+    F._extract_many_shared = counted
+    try:
+        paths = F.write_stores([tmp_path / f"s{i}" for i in range(len(specs))], model, specs, ids, attn, resp,
+                               np.arange(len(ids)) % 2, np.arange(len(ids)) // 4, batch_size=3, share_prompts=True)
+    finally:
+        F._extract_many_shared = real
+    assert len(calls) == 6 and all(b == 3 for b, _ in calls)  # 3 prompts x ceil(4 / 3) batches, never plain
+    for i, path in enumerate(paths):
+        st = FeatureStore(path)
+        for r in range(len(ids)):
+            np.testing.assert_allclose(st.row(r), each[i][r][on[r]], rtol=2.0 ** -8, atol=1e-5)
+    heads = [(_head(s, cfg, gated=i % 2 == 0, seed=i), s) for i, s in enumerate(specs)]
+    got = F.fused_scores_many(model, heads, ids, attn, resp, batch_size=3, share_prompts=True)
+    for (p, s), g, x in zip(heads, got, each):
+        np.testing.assert_allclose(g, np_score(p["kernel"], p["bias"], x, resp), atol=FUSED_TOL, rtol=FUSED_TOL)
+        assert np.ptp(g) > 1e-3
+    # rows that share no prompt fall back to the length-sorted batches
+    ids2, attn2, resp2 = _ragged_set(seed=4)
+    plain = F.fused_scores_many(model, heads[:1], ids2, attn2, resp2, batch_size=3)
+    np.testing.assert_array_equal(F.fused_scores_many(model, heads[:1], ids2, attn2, resp2, batch_size=3,
+                                                      share_prompts=True), plain)
+
+
+def test_resumed_store_writing_continues_where_it_stopped(models, tmp_path):
+    """write_stores(resume=True) stopped after some batches keeps its checkpointed rows; the rerun
+    computes only the rest and the stores equal ones written in one go."""
+    _, model, cfg = models("llama")
+    ids, attn, resp = _candidate_set(seed=5, groups=4)
+    specs = [F.FeatureSpec(layers=(0, 2)), F.FeatureSpec(mode="token_logprobs", k=2)]
+    args = (model, specs, ids, attn, resp, np.arange(len(ids)) % 2, np.arange(len(ids)) // 4)
+    kw = dict(batch_size=2, share_prompts=True, resume=True, checkpoint_rows=4, metas=[{"k": 1}, {"k": 2}])
+    whole = F.write_stores([tmp_path / "w0", tmp_path / "w1"], *args, **{**kw, "resume": False})
+    real = F._extract_many_shared
+    calls = []
+
+    def dies(*a, **k):
+        calls.append(a)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    F._extract_many_shared = dies
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            F.write_stores([tmp_path / "r0", tmp_path / "r1"], *args, **kw)
+        assert not (tmp_path / "r0").exists() and (tmp_path / "r0.partial").is_dir()
+        calls.clear()
+        F._extract_many_shared = lambda *a, **k: (calls.append(a), real(*a, **k))[1]
+        F.write_stores([tmp_path / "r0", tmp_path / "r1"], *args, **kw)
+    finally:
+        F._extract_many_shared = real
+    assert len(calls) == 4  # 5 batches ran (2 whole prompts = 8 rows checkpointed), the other 2 prompts now
+    for a, b in zip(whole, [tmp_path / "r0", tmp_path / "r1"]):
+        sa, sb = FeatureStore(a), FeatureStore(b)
+        assert len(sa) == len(sb) == len(ids) and sb.meta == sa.meta
+        np.testing.assert_array_equal(sa.labels, sb.labels)
+        for r in range(len(ids)):
+            np.testing.assert_array_equal(sa.row_bits(r), sb.row_bits(r))
+    assert not (tmp_path / "r0.partial").exists()
