@@ -60,6 +60,10 @@ class SwiftRunConfig:
     head / candidates / score_name: for ``swift score``.
     mesh: the device mesh the backbone samples and scores on (:class:`swiftjax.parallel.MeshConfig`;
       default one device).
+    share_prompts: teacher-forced passes (feature stores, scoring) compute each prompt once for
+      all its candidates and forward only the responses on its cache (the same features up to
+      float rounding; :func:`swiftjax.methods.swift.features.write_stores`). Worth it when
+      prompts are a large part of the rows (chat templates, long questions).
     """
 
     model: str = "world"
@@ -85,6 +89,7 @@ class SwiftRunConfig:
     candidates: str | None = None
     score_name: str = "swift"
     mesh: MeshConfig = MeshConfig()
+    share_prompts: bool = False
 
     def __post_init__(self):
         if self.n < 1:
@@ -136,23 +141,25 @@ def encode_rows(backbone: Backbone, rows, max_len: int):
 
 
 def feature_store_for(backbone: Backbone, rows, spec: feats.FeatureSpec, out: Path, *, max_len: int,
-                      batch_size: int, progress: bool, log=print):
+                      batch_size: int, progress: bool, log=print, share_prompts: bool = False):
     """The feature store of a candidate set's response tokens, reused when one exists for the
     same backbone, rows (prompts and token ids) and spec (a half-written or corrupt one is rebuilt)."""
     stores, ids_, arr = feature_stores_for(backbone, rows, [spec], out, max_len=max_len, batch_size=batch_size,
-                                           progress=progress, log=log)
+                                           progress=progress, log=log, share_prompts=share_prompts)
     return stores[0], ids_, arr
 
 
 def feature_stores_for(backbone: Backbone, rows, specs, out: Path, *, max_len: int, batch_size: int,
-                       progress: bool, log=print):
+                       progress: bool, log=print, share_prompts: bool = False):
     """:func:`feature_store_for` of several specs: the stores that do not exist yet are written
-    from ONE forward over the set (:func:`swiftjax.methods.swift.features.write_stores`).
+    from ONE forward over the set (:func:`swiftjax.methods.swift.features.write_stores`),
+    resumably: a killed run continues from the stores' last checkpoint (every 64 rows).
     Returns (stores in spec order, prompt ids, grouped arrays)."""
     ids_, arr = cands.group(rows)
     ordered = in_group_order(rows, ids_)
     rows_key = digest([(r["prompt"], r["token_ids"]) for r in ordered])
-    keys = [{"model": backbone.digest, "rows": rows_key, "spec": s.to_dict(), "max_len": max_len} for s in specs]
+    keys = [{"model": backbone.digest, "rows": rows_key, "spec": s.to_dict(), "max_len": max_len,
+             **({"shared_prompts": True} if share_prompts else {})} for s in specs]
     paths = [Path(out) / f"features_{digest(k)}" for k in keys]
     stores: dict[int, FeatureStore] = {}
     for i, (path, key) in enumerate(zip(paths, keys)):
@@ -170,8 +177,8 @@ def feature_stores_for(backbone: Backbone, rows, specs, out: Path, *, max_len: i
         n = arr["correct"].shape[1]
         feats.write_stores([paths[i] for i in todo], backbone.model, [specs[i] for i in todo], ids, attn, resp,
                            arr["correct"].reshape(-1).astype(np.float32), np.repeat(np.arange(len(ids_)), n),
-                           batch_size=batch_size, progress=progress, overwrite=True,
-                           metas=[{"key": keys[i], "model": backbone.describe()} for i in todo])
+                           batch_size=batch_size, progress=progress, overwrite=True, share_prompts=share_prompts,
+                           resume=True, metas=[{"key": keys[i], "model": backbone.describe()} for i in todo])
         for i in todo:
             stores[i] = FeatureStore(paths[i])
             log(f"extracted features of {len(stores[i])} candidates ({stores[i].num_tokens} response tokens, "
@@ -194,9 +201,13 @@ def train_on_store(store, correct, cfg: SwiftRunConfig, *, log=print):
     return params, info
 
 
-def score_rows(backbone: Backbone, params, spec, rows, *, max_len: int, batch_size: int, progress: bool) -> np.ndarray:
+def score_rows(backbone: Backbone, params, spec, rows, *, max_len: int, batch_size: int, progress: bool,
+               share_prompts: bool = False) -> np.ndarray:
     """Fused SWIFT scores of candidate rows (in the rows' own order)."""
     ids, attn, resp = encode_rows(backbone, rows, max_len)
+    if share_prompts:
+        return feats.fused_scores_many(backbone.model, [(params, spec)], ids, attn, resp, batch_size=batch_size,
+                                       progress=progress, share_prompts=True)[0]
     return feats.fused_scores_batched(backbone.model, params, spec, ids, attn, resp, batch_size=batch_size,
                                       progress=progress)
 
@@ -236,7 +247,8 @@ def train(cfg: SwiftRunConfig, backbone=None, task=None, *, log=print):
     rows = _train_rows(cfg, task, rows)
     max_len = _max_len(cfg, backbone, rows)
     store, tr_ids, tr_arr = feature_store_for(backbone, rows, cfg.features, Path(cfg.cache or out), max_len=max_len,
-                                              batch_size=cfg.extract_batch, progress=cfg.progress, log=log)
+                                              batch_size=cfg.extract_batch, progress=cfg.progress, log=log,
+                                              share_prompts=cfg.share_prompts)
     params, info = train_on_store(store, tr_arr["correct"], cfg, log=log)
     info["n_train_problems"] = len(tr_ids)
     save_head(out / "head", params, cfg.features,
@@ -258,7 +270,7 @@ def run(cfg: SwiftRunConfig, *, report: bool = True, log=print) -> dict:
     te_ids, te_arr = cands.group(test_rows)
     t0 = time.time()
     scores = score_rows(backbone, params, cfg.features, in_group_order(test_rows, te_ids), max_len=max_len,
-                        batch_size=cfg.extract_batch, progress=cfg.progress)
+                        batch_size=cfg.extract_batch, progress=cfg.progress, share_prompts=cfg.share_prompts)
     log(f"fused-scored {len(scores)} test candidates in {time.time() - t0:.0f}s")
     scores = scores.reshape(te_arr["correct"].shape)
 
@@ -453,7 +465,8 @@ def _score(cfg: SwiftRunConfig) -> int:
     else:
         rows, src = _candidates(cfg, backbone, make_task(cfg.task), "test", print)
     max_len = cfg.max_len or _teacher_forced_len(cfg, backbone, rows)  # right padding: any width >= the rows
-    s = score_rows(backbone, params, spec, rows, max_len=max_len, batch_size=cfg.extract_batch, progress=cfg.progress)
+    s = score_rows(backbone, params, spec, rows, max_len=max_len, batch_size=cfg.extract_batch, progress=cfg.progress,
+                   share_prompts=cfg.share_prompts)
     for r, v in zip(rows, s):
         r.setdefault("scores", {})[cfg.score_name] = float(v)
     dst = out / (src.stem + "_scored.jsonl")

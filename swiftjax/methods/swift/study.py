@@ -17,13 +17,17 @@ the cost of a stage; a study of k variants no longer pays it k times.
 
 Every stage is reused when rerun with the same inputs, so a killed study continues: stores by
 (backbone, rows, spec, width), heads by (their store's key, the variant's spec, the training
-config), test scores by (backbone, rows, width, every head's weights).
+config), test scores by (backbone, rows, width, every head's weights); a store killed while
+being written continues from its last checkpoint (every 64 rows), test scoring from its last
+chunk of :data:`TEST_CHUNK_ROWS` rows. ``share_prompts: true`` computes each prompt once for
+its N candidates in both forwards (what a chat template and a long question make worth it).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -150,25 +154,50 @@ def _trained_head(cfg: SwiftStudyConfig, variant: Variant, source, store, correc
     return params, info
 
 
-def _test_scores(cfg, backbone, heads, ordered_rows, max_len: int, out: Path, log) -> tuple[np.ndarray, float]:
+TEST_CHUNK_ROWS = 96  # test scores are saved every this many rows (whole problems): a kill loses one chunk
+
+
+def _test_scores(cfg, backbone, heads, ordered_rows, max_len: int, out: Path, log) -> tuple[np.ndarray, float, int]:
     """[H, N] test scores of every head from one forward, cached under OUT by everything they
-    depend on. Returns (scores, seconds spent now)."""
+    depend on, written chunk by chunk (``OUT/test_scores_<key>.parts/``) so a killed study
+    continues. Returns (scores, seconds spent now, response tokens scored now)."""
     key = {"model": backbone.digest, "rows": digest([(r["prompt"], r["token_ids"]) for r in ordered_rows]),
            "max_len": max_len, "heads": [digest([np.asarray(p["kernel"]).tolist(), np.asarray(p["bias"]).tolist(),
-                                                  s.to_dict()]) for p, s in heads]}
-    path = out / f"test_scores_{digest(key)}.npy"
+                                                  s.to_dict()]) for p, s in heads],
+           **({"shared_prompts": True} if cfg.share_prompts else {})}
+    name = f"test_scores_{digest(key)}"
+    path = out / f"{name}.npy"
+    shape = (len(heads), len(ordered_rows))
     if path.is_file():
         scores = np.load(path, allow_pickle=False)
-        if scores.shape == (len(heads), len(ordered_rows)) and np.isfinite(scores).all():
+        if scores.shape == shape and np.isfinite(scores).all():
             log(f"reusing {path}")
-            return scores, 0.0
+            return scores, 0.0, 0
     t0 = time.time()
     ids, attn, resp = pipeline.encode_rows(backbone, ordered_rows, max_len)
-    scores = feats.fused_scores_many(backbone.model, heads, ids, attn, resp, batch_size=cfg.extract_batch,
-                                     progress=cfg.progress)
+    parts = out / f"{name}.parts"
+    chunk = max(1, TEST_CHUNK_ROWS // cfg.n) * cfg.n
+    scores, tokens = [], 0
+    for a in range(0, len(ordered_rows), chunk):
+        b = min(len(ordered_rows), a + chunk)
+        f = parts / f"rows_{a:06d}_{b:06d}.npy"
+        if f.is_file():
+            s = np.load(f, allow_pickle=False)
+            if s.shape == (len(heads), b - a) and np.isfinite(s).all():
+                scores.append(s)
+                continue
+        s = feats.fused_scores_many(backbone.model, heads, ids[a:b], attn[a:b], resp[a:b],
+                                    batch_size=cfg.extract_batch, progress=cfg.progress,
+                                    share_prompts=cfg.share_prompts)
+        with atomic_file(f, "wb") as fh:
+            np.save(fh, s)
+        scores.append(s)
+        tokens += int(resp[a:b].sum())
+    scores = np.concatenate(scores, axis=1)
     with atomic_file(path, "wb") as f:
         np.save(f, scores)
-    return scores, time.time() - t0
+    shutil.rmtree(parts, ignore_errors=True)
+    return scores, time.time() - t0, tokens
 
 
 def run_study(cfg: SwiftStudyConfig, *, log=print) -> dict:
@@ -189,7 +218,8 @@ def run_study(cfg: SwiftStudyConfig, *, log=print) -> dict:
 
     t0 = time.time()
     stores, tr_ids, tr_arr = pipeline.feature_stores_for(backbone, train_rows, store_specs, cache, max_len=max_len,
-                                                         batch_size=cfg.extract_batch, progress=cfg.progress, log=log)
+                                                         batch_size=cfg.extract_batch, progress=cfg.progress, log=log,
+                                                         share_prompts=cfg.share_prompts)
     stages["train_features_seconds"] = round(time.time() - t0, 1)
     norm = jax.jit(backbone.model.final_norm)
     heads, infos = [], {}
@@ -201,9 +231,8 @@ def run_study(cfg: SwiftStudyConfig, *, log=print) -> dict:
 
     te_ids, te_arr = cands.group(test_rows)
     ordered = pipeline.in_group_order(test_rows, te_ids)
-    scores, secs = _test_scores(cfg, backbone, heads, ordered, max_len, out, log)
-    if secs:
-        tokens = sum(len(r["token_ids"]) for r in ordered)
+    scores, secs, tokens = _test_scores(cfg, backbone, heads, ordered, max_len, out, log)
+    if tokens:
         stages["test_scoring_seconds"] = round(secs, 1)
         stages["test_scoring_response_tokens_per_s"] = round(tokens / secs, 1)
         log(f"scored {len(ordered)} test candidates with {len(heads)} heads in one forward: {secs:.0f}s")

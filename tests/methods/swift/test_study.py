@@ -98,3 +98,53 @@ def test_study_config_is_checked_before_any_work(tmp_path):
         _config(tmp_path, "world", [{"name": "../x", "features": {"layers": "all"}}])
     with pytest.raises(ValueError, match=r"variants\[0\].features.bogus: unknown key"):
         _config(tmp_path, "world", [{"name": "x", "features": {"bogus": 1}}])
+
+
+def test_study_with_shared_prompts_and_a_killed_test_scoring(tmp_path, monkeypatch):
+    """share_prompts: stores and test scores from prompts computed once match the full forward;
+    test scoring killed after one chunk continues from that chunk."""
+    model, _ = save_tiny_chat_model("qwen2", tmp_path / "model")
+    cfg = _config(tmp_path, model, VARIANTS, "share_prompts=true")
+    monkeypatch.setattr(study, "TEST_CHUNK_ROWS", 4)  # one problem (n = 4) per chunk: 2 chunks
+    real = F.fused_scores_many
+    calls = []
+
+    def dies(*a, **kw):
+        calls.append(kw)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(F, "fused_scores_many", dies)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(cfg, log=lambda *_: None)
+    assert len(list((tmp_path / "out").glob("test_scores_*.parts/rows_*.npy"))) == 1
+    calls.clear()
+    monkeypatch.setattr(F, "fused_scores_many", lambda *a, **kw: (calls.append(kw), real(*a, **kw))[1])
+    res = study.run_study(cfg, log=lambda *_: None)
+    assert len(calls) == 1 and all(kw["share_prompts"] for kw in calls)  # only the second chunk
+    assert not list((tmp_path / "out").glob("test_scores_*.parts"))
+    # the shared stores hold the full forward's features (bf16, rounding)
+    shared = sorted((tmp_path / "cache").glob("features_*"))
+    assert all(FeatureStore(s).meta["key"]["shared_prompts"] for s in shared)
+    bb = pipeline.backbone_of(cfg)
+    train_rows = cands.read_candidates(next((tmp_path / "cache").glob("candidates_train_*.jsonl")))
+    tr_ids, _ = cands.group(train_rows)
+    ordered = pipeline.in_group_order(train_rows, tr_ids)
+    ids, attn, resp = pipeline.encode_rows(bb, ordered, 256)
+    specs = [FeatureStore(s).spec for s in shared]
+    full = F.extract_many(bb.model, ids, attn, resp, [F.FeatureSpec.from_dict(s) for s in specs])
+    for s, x in zip(shared, full):
+        st = FeatureStore(s)
+        for r in range(len(ordered)):
+            np.testing.assert_allclose(st.row(r), np.asarray(x[r])[resp[r] > 0], rtol=2.0 ** -8, atol=1e-5)
+    # every head's shared-prompt test scores equal its full-forward fused scores
+    test_rows = cands.read_candidates(next((tmp_path / "cache").glob("candidates_test_*.jsonl")))
+    te_ids, _ = cands.group(test_rows)
+    te = pipeline.in_group_order(test_rows, te_ids)
+    got = np.load(next((tmp_path / "out").glob("test_scores_*.npy")))
+    for i, v in enumerate(VARIANTS):
+        params, spec, _ = load_head(tmp_path / "out" / "heads" / v["name"])
+        ref = pipeline.score_rows(bb, params, spec, te, max_len=256, batch_size=8, progress=False)
+        np.testing.assert_allclose(got[i], ref, rtol=1e-5, atol=1e-5)
+    assert res["stages"]["test_scoring_seconds"] > 0
