@@ -1,0 +1,119 @@
+"""The SWIFT study's two teacher-forced forwards on real candidates: plain vs shared prompts.
+
+    python bench/bench_study.py --candidates runs/qwen_gsm8k/candidates_test_*.jsonl \
+        [--model DIR] [--problems 6] [--what score|store] [--share 0|1] [--batch 4]
+
+One configuration per invocation (so the peak resident memory printed is that configuration's):
+``score`` runs :func:`~swiftjax.methods.swift.features.fused_scores_many` with one random head per
+variant of ``configs/study/qwen_gsm8k_swift.yaml``; ``store`` writes the study's three feature
+stores (every raw state, token log-probs k 4, top-16 log-probs) with
+:func:`~swiftjax.methods.swift.features.write_stores` into a temporary directory. Printed: wall
+seconds of a second run (the first compiles), response tokens/s (the work the study needs),
+tokens actually forwarded (prompts once per batch when shared) and their GFLOP/s as a fraction
+of the machine's float32 matmul peak measured in the same run, and peak RSS. Run it idle.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import machine_limits  # noqa: E402
+from common import report  # noqa: E402
+
+from swiftjax.backbone import load_backbone  # noqa: E402
+from swiftjax.batching import prompt_batches, row_spans  # noqa: E402
+from swiftjax.convert.fetch import models_root  # noqa: E402
+from swiftjax.data import candidates as cands  # noqa: E402
+from swiftjax.methods.swift import features as F  # noqa: E402
+from swiftjax.methods.swift import head as swift  # noqa: E402
+from swiftjax.methods.swift import pipeline  # noqa: E402
+from swiftjax.methods.swift.study import store_plan  # noqa: E402
+
+VARIANTS = [F.FeatureSpec(), F.FeatureSpec(apply_norm=True), F.FeatureSpec(layers=(24,)), F.FeatureSpec(layers=(12,)),
+            F.FeatureSpec(layers=(12, 16, 20, 24)), F.FeatureSpec(layers=(12, 16, 20, 24), apply_norm=True),
+            F.FeatureSpec(mode="token_logprobs", k=4), F.FeatureSpec(mode="topk_logprobs", k=16)]
+
+
+def _peak_rss_gb() -> float:
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1e6
+
+
+def forwarded_tokens(ids, attn, resp, batch: int, share: bool) -> int:
+    """Tokens the forward computes: every real token (plain, length-sorted cuts: about the real
+    tokens), or each batch's prompt once plus its responses (shared)."""
+    plan = prompt_batches(ids, attn, resp, batch) if share else None
+    if plan is None:
+        return int(attn.sum())
+    first, _ = row_spans(attn)
+    r0, _ = row_spans(resp)
+    return int(resp.sum()) + sum(int(r0[b.prompt_row] - first[b.prompt_row]) for b in plan[1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--candidates", required=True)
+    ap.add_argument("--model", default=str(models_root() / "qwen2.5-coder-0.5b-instruct"))
+    ap.add_argument("--problems", type=int, default=6)
+    ap.add_argument("--what", choices=["score", "store"], default="score")
+    ap.add_argument("--share", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=4)
+    a = ap.parse_args()
+    print(f"jax {jax.__version__}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f} at start (run idle)")
+    lim = machine_limits()
+    bb = load_backbone(a.model)
+    cfg = bb.model.config
+    rows = cands.read_candidates(a.candidates)
+    ids_, _ = cands.group(rows)
+    ordered = pipeline.in_group_order(rows, ids_)
+    n = len(ordered) // len(ids_)
+    ordered = ordered[: a.problems * n]
+    width = max(len(bb.prompt_ids(r["prompt"])) + len(r["token_ids"]) for r in ordered)
+    ids, attn, resp = pipeline.encode_rows(bb, ordered, -(-width // 64) * 64)
+    share = bool(a.share)
+    if a.what == "score":
+        heads = [(swift.init_params(jax.random.key(i), F.feature_dim(s, cfg)), s) for i, s in enumerate(VARIANTS)]
+
+        def run():
+            return F.fused_scores_many(bb.model, heads, ids, attn, resp, batch_size=a.batch, progress=False,
+                                       share_prompts=share)
+    else:
+        specs, _ = store_plan(VARIANTS, cfg.num_layers)
+        tmp = tempfile.mkdtemp(prefix="bench_study_")
+        count = iter(range(10))
+
+        def run():
+            i = next(count)
+            return F.write_stores([Path(tmp) / f"r{i}_{j}" for j in range(len(specs))], bb.model, specs, ids, attn,
+                                  resp, np.zeros(len(ids)), np.arange(len(ids)) // n, batch_size=a.batch,
+                                  share_prompts=share)
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run()
+    t = time.perf_counter() - t0
+    d, L, v = cfg.hidden_size, cfg.num_layers, cfg.vocab_size
+    per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * d \
+        + 3 * d * cfg.intermediate_size
+    fwd = forwarded_tokens(ids, attn, resp, a.batch, share)
+    flops = 2 * fwd * (L * per_layer + v * d)  # logits for every token (logits-mode variants need them)
+    report(f"study forward ({a.what}, {'shared prompts' if share else 'plain'}, batch {a.batch}): "
+           f"{len(ordered)} candidates of {a.problems} problems, {bb.path}", [{
+               "first_run_s": first, "run_s": t, "response_tok_s": float(resp.sum()) / t,
+               "response_tokens": int(resp.sum()), "forwarded_tokens": fwd, "GFLOPs": flops / t / 1e9,
+               "of_matmul_peak": flops / t / 1e9 / lim["matmul_GFLOPs"], "matmul_peak_GFLOPs": lim["matmul_GFLOPs"],
+               "peak_rss_GB": _peak_rss_gb()}])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
