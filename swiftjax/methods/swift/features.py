@@ -259,6 +259,7 @@ def _features_from(model, states, logits, ids, resp, specs, layers_each, first=N
     """Traced: the per-spec features of one forward's sown states / logits (``first``: the logits
     before ``ids[:, 0]`` when the batch continues a prefilled prompt, else None)."""
     outs = []
+    logits, first = _stats(logits), _stats(first)
     for spec, layers in zip(specs, layers_each):
         if spec.mode == "hidden":
             x = jnp.concatenate([_tap(model, states[i], spec.apply_norm) for i in layers], axis=-1)
@@ -309,6 +310,48 @@ def _tap(model, h, apply_norm: bool):
     return (model.final_norm(h) if apply_norm else h).astype(jnp.float32)
 
 
+class _LogitStats:
+    """Traced per-position statistics of one forward's logits [B, T, V], each computed once for
+    every spec that reads them (one pass of exp over the vocabulary for the log-normaliser and
+    the entropy together; one top-k per k)."""
+
+    def __init__(self, logits):
+        self.logits = logits.astype(jnp.float32)
+        self._lse = self._ent = None
+        self._top = {}
+
+    def lse(self):
+        """log sum exp [B, T]."""
+        if self._lse is None:
+            self._lse = jax.nn.logsumexp(self.logits, axis=-1)
+        return self._lse
+
+    def lse_entropy(self):
+        """(log sum exp, entropy of the softmax) [B, T], from one exp pass: with z = l - max l,
+        e = exp z, s = sum e: lse = max l + log s, entropy = log s - sum(e z) / s."""
+        if self._ent is None:
+            m = jnp.max(self.logits, axis=-1, keepdims=True)
+            z = self.logits - jax.lax.stop_gradient(m)
+            e = jnp.exp(z)
+            tot = jnp.sum(e, axis=-1)
+            log_s = jnp.log(tot)
+            self._lse = m[..., 0] + log_s
+            self._ent = log_s - jnp.sum(e * z, axis=-1) / tot
+        return self._lse, self._ent
+
+    def topk(self, k: int):
+        """The k largest logits [B, T, k], sorted. One top-k per k: slicing a shared larger
+        top-k looks cheaper, but XLA:CPU then lowers it to a full sort of the vocabulary
+        (measured 25x slower on Qwen's 151,936 logits)."""
+        if k not in self._top:
+            self._top[k] = jax.lax.top_k(self.logits, k)[0]
+        return self._top[k]
+
+
+def _stats(logits):
+    return None if logits is None else _LogitStats(logits)
+
+
 def token_logprob_features(logits, ids, k: int = 0, first=None):
     """Per token t: [log p(ids[t] | ids[<t]), entropy of that distribution, its k largest
     log-probs (sorted)] -> [B, T, 2 + k] float32, read from the logits at t - 1; at t = 0 from
@@ -316,22 +359,42 @@ def token_logprob_features(logits, ids, k: int = 0, first=None):
     prompt), or zeros when None.
 
     A sampled mistake is a token the model itself found unlikely; a linear gate over these
-    features can weight such tokens, which hidden states alone expose only bilinearly."""
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    lp0 = jnp.zeros_like(lp[:, :1]) if first is None else jax.nn.log_softmax(first.astype(jnp.float32), axis=-1)
-    prev = jnp.concatenate([lp0, lp[:, :-1]], axis=1)
-    tok = jnp.take_along_axis(prev, ids[..., None].astype(jnp.int32), axis=-1)
-    ent = -jnp.sum(jnp.exp(prev) * prev, axis=-1, keepdims=True)
-    parts = [tok, ent]
+    features can weight such tokens, which hidden states alone expose only bilinearly.
+    Computed per position on the logits as they are (no shifted or normalised [B, T, V] copy):
+    the features of position t describe token t + 1, then shift by one."""
+    st = logits if isinstance(logits, _LogitStats) else _LogitStats(logits)
+    nxt = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1).astype(jnp.int32)
+    cur = _position_feats(st, nxt, k)                                    # [B, T, 2 + k] about token t + 1
+    if first is None:
+        head = jnp.zeros_like(cur[:, :1])
+    else:
+        fs = first if isinstance(first, _LogitStats) else _LogitStats(first)
+        head = _position_feats(fs, ids[:, :1].astype(jnp.int32), k)
+    return jnp.concatenate([head, cur[:, :-1]], axis=1)
+
+
+def _position_feats(st: _LogitStats, nxt, k: int):
+    """[log p(nxt[t]), entropy, top-k log-probs] of position t's distribution -> [B, T, 2 + k]."""
+    lse, ent = st.lse_entropy()
+    tok = jnp.take_along_axis(st.logits, nxt[..., None], axis=-1)[..., 0] - lse
+    parts = [tok[..., None], ent[..., None]]
     if k:
-        parts.append(jax.lax.top_k(prev, k)[0])
+        parts.append(st.topk(k) - lse[..., None])
     return jnp.concatenate(parts, axis=-1)
 
 
 def _logit_feats(logits, ids, spec: FeatureSpec, first=None):
+    """Traced features of a logits-mode spec; ``logits`` / ``first`` are arrays or the
+    :class:`_LogitStats` shared by every spec of the forward."""
     if spec.mode == "token_logprobs":
         return token_logprob_features(logits, ids, spec.k, first)
-    return swift.logits_features(logits, _LOGITS_MODE[spec.mode], spec.k)
+    if not isinstance(logits, _LogitStats):
+        return swift.logits_features(logits, _LOGITS_MODE[spec.mode], spec.k)
+    if spec.mode == "logits":
+        return logits.logits
+    if spec.mode == "topk":
+        return logits.topk(spec.k)
+    return logits.topk(spec.k) - logits.lse()[..., None]
 
 
 def _split_rows(*xs):
@@ -797,6 +860,7 @@ def _fused_many(state, heads, ids, attn, resp, *, graphdef, specs, layers):
     ids, attn, resp = _split_rows(ids, attn, resp)
     model = nnx.merge(graphdef, state)
     states, logits = _sown(model, ids, attn, specs, layers)
+    logits = _stats(logits)
     return jnp.stack([swift.score_from_projections(_head_projection(model, p, s, ls, states, logits, ids), resp)
                       for p, s, ls in zip(heads, specs, layers)])
 
@@ -806,6 +870,7 @@ def _fused_many_shared(state, heads, prompt_ids, prompt_mask, ids, attn, resp, *
     ids, attn, resp = _split_rows(ids, attn, resp)
     model = nnx.merge(graphdef, state)
     states, logits, first = _sown_shared(model, prompt_ids, prompt_mask, ids, attn, specs, layers)
+    logits, first = _stats(logits), _stats(first)
     return jnp.stack([swift.score_from_projections(_head_projection(model, p, s, ls, states, logits, ids, first),
                                                    resp)
                       for p, s, ls in zip(heads, specs, layers)])

@@ -550,6 +550,17 @@ def test_token_logprob_features_match_numpy():
             prev = lp[b, t - 1]
             ref = [prev[ids[b, t]], -(np.exp(prev) * prev).sum(), *np.sort(prev)[::-1][:3]]
             np.testing.assert_allclose(got[b, t], ref, rtol=1e-5, atol=1e-5)
+    # a batch continuing a prefilled prompt: position 0 reads the prompt's last logits; and a
+    # peaked distribution (logits ~ 40 apart) keeps its small entropy accurate
+    first = rs.randn(2, 1, 11).astype(np.float32) * 40
+    got = np.asarray(token_logprob_features(jnp.asarray(logits), jnp.asarray(ids), k=3, first=jnp.asarray(first)))
+    f = first[:, 0].astype(np.float64)
+    lpf = f - f.max(-1, keepdims=True) - np.log(np.exp(f - f.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    for b in range(2):
+        ref = [lpf[b, ids[b, 0]], -(np.exp(lpf[b]) * lpf[b]).sum(), *np.sort(lpf[b])[::-1][:3]]
+        np.testing.assert_allclose(got[b, 0], ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[:, 1:], np.asarray(token_logprob_features(jnp.asarray(logits), jnp.asarray(ids),
+                                                                             k=3))[:, 1:], rtol=1e-6, atol=1e-6)
 
 
 def test_fused_prefix_scores_equal_the_fused_score_of_each_prefix(models):
