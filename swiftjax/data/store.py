@@ -332,6 +332,13 @@ class FeatureStoreWriter:
         since); the caller adds the rows from this one on."""
         return self._rows_written + len(self._buf)
 
+    def written(self) -> tuple[np.ndarray, np.ndarray]:
+        """(labels [rows_done] float32, group ids [rows_done] int64) of the rows added so far,
+        checkpointed ones included: a resuming caller checks they are the rows it would add."""
+        lab = np.concatenate(self._labels) if self._labels else np.zeros((0,), np.float32)
+        grp = np.concatenate(self._groups) if self._groups else np.zeros((0,), np.int64)
+        return lab, grp
+
     def checkpoint(self) -> None:
         """Flush the buffered rows as a shard and record every row so far in ``progress.json``
         (resumable writers only): a later writer resumes after them."""

@@ -668,7 +668,11 @@ def write_stores(paths: Sequence, model, specs: Sequence[FeatureSpec], ids, atte
                                                           meta={**info, **dict(m or {})}, resume=resume,
                                                           **writer_kw))
                    for p, s, m in zip(paths, specs, metas)]
-        done = skip = _common_checkpoint(writers) if resume else 0
+        done = _common_checkpoint(writers) if resume else 0
+        if done and not all(np.array_equal(lab, labels[:done].astype(np.float32)) and np.array_equal(grp, group_ids[:done])
+                            for lab, grp in (w.written() for w in writers)):
+            done = _common_checkpoint(writers, 0)  # other labels or groups: the checkpointed rows are another set's
+        skip = done
         pending: dict[int, list[np.ndarray]] = {}
         last = done
         if done < n:
@@ -694,9 +698,10 @@ def write_stores(paths: Sequence, model, specs: Sequence[FeatureSpec], ids, atte
     return [w.path for w in writers]
 
 
-def _common_checkpoint(writers) -> int:
-    """Roll resumable writers back to the last row they all checkpointed; returns it."""
-    done = min(w.rows_done for w in writers)
+def _common_checkpoint(writers, upto: int | None = None) -> int:
+    """Roll resumable writers back to the last row they all checkpointed (at or before ``upto``
+    when given); returns it."""
+    done = min(w.rows_done for w in writers) if upto is None else upto
     while True:
         got = [w.rollback(done) for w in writers]
         if min(got) == done:

@@ -679,3 +679,14 @@ def test_resumed_store_writing_continues_where_it_stopped(models, tmp_path):
         for r in range(len(ids)):
             np.testing.assert_array_equal(sa.row_bits(r), sb.row_bits(r))
     assert not (tmp_path / "r0.partial").exists()
+    # checkpointed rows with other labels (e.g. a regraded set) are not continued
+    F._extract_many_shared = dies
+    calls.clear()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            F.write_stores([tmp_path / "q0", tmp_path / "q1"], *args, **kw)
+    finally:
+        F._extract_many_shared = real
+    relabelled = (model, specs, ids, attn, resp, 1 - np.arange(len(ids)) % 2, np.arange(len(ids)) // 4)
+    F.write_stores([tmp_path / "q0", tmp_path / "q1"], *relabelled, **kw)
+    np.testing.assert_array_equal(FeatureStore(tmp_path / "q0").labels, 1 - np.arange(len(ids)) % 2)
