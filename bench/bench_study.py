@@ -1,7 +1,7 @@
 """The SWIFT study's two teacher-forced forwards on real candidates: plain vs shared prompts.
 
     python bench/bench_study.py --candidates runs/qwen_gsm8k/candidates_test_*.jsonl \
-        [--model DIR] [--problems 6] [--what score|store] [--share 0|1] [--batch 4]
+        [--model DIR] [--problems 6] [--what score|store|overhead] [--share 0|1] [--batch 4]
 
 One configuration per invocation (so the peak resident memory printed is that configuration's):
 ``score`` runs :func:`~swiftjax.methods.swift.features.fused_scores_many` with one random head per
@@ -10,7 +10,9 @@ stores (every raw state, token log-probs k 4, top-16 log-probs) with
 :func:`~swiftjax.methods.swift.features.write_stores` into a temporary directory. Printed: wall
 seconds of a second run (the first compiles), response tokens/s (the work the study needs),
 tokens actually forwarded (prompts once per batch when shared) and their GFLOP/s as a fraction
-of the machine's float32 matmul peak measured in the same run, and peak RSS. Run it idle.
+of the machine's float32 matmul peak measured in the same run, and peak RSS. ``overhead``: one
+batch of ``--batch`` rows at full width, the bare forward against the same forward scoring the
+paper's all-layer head (the fused-scoring overhead). Run it idle.
 """
 from __future__ import annotations
 
@@ -58,12 +60,52 @@ def forwarded_tokens(ids, attn, resp, batch: int, share: bool) -> int:
     return int(resp.sum()) + sum(int(r0[b.prompt_row] - first[b.prompt_row]) for b in plan[1])
 
 
+def _min_time(fn, repeats: int = 2) -> float:
+    jax.block_until_ready(fn())
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def overhead(bb, ids, attn, resp, lim) -> int:
+    """One batch at full width: the bare forward (last hidden state, no logits) against the
+    same forward scoring the paper's all-layer SWIFT head (folded, one head; and through the
+    many-head path). FLOPs count every column (padding included) and the attention products."""
+    from flax import nnx
+
+    cfg = bb.model.config
+    gd, st = nnx.split(bb.model)
+    bare = jax.jit(lambda s, i, m: nnx.merge(gd, s)(i, m, output_hidden_states=True,
+                                                  compute_logits=False).hidden_states[-1])
+    spec = F.FeatureSpec()
+    layers = tuple(range(cfg.num_layers + 1))
+    params = swift.init_params(jax.random.key(0), F.feature_dim(spec, cfg))
+    resp = resp.astype(np.float32)
+    t_bare = _min_time(lambda: bare(st, ids, attn))
+    t_one = _min_time(lambda: F._fused(st, params, ids, attn, resp, graphdef=gd, spec=spec, layers=layers))
+    t_many = _min_time(lambda: F._fused_many(st, (params,), ids, attn, resp, graphdef=gd, specs=(spec,),
+                                             layers=(layers,)))
+    b, t = ids.shape
+    d, L = cfg.hidden_size, cfg.num_layers
+    per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * d \
+        + 3 * d * cfg.intermediate_size
+    flops = 2 * b * t * L * per_layer + 2 * 2 * b * L * cfg.num_heads * cfg.head_dim * t * t
+    report(f"forward vs fused SWIFT scoring, batch {b} x {t}, {bb.path}", [
+        {"what": w, "s": x, "GFLOPs": flops / x / 1e9, "of_matmul_peak": flops / x / 1e9 / lim["matmul_GFLOPs"],
+         "overhead_vs_bare": x / t_bare - 1}
+        for w, x in (("bare forward", t_bare), ("fused all-layer head", t_one), ("many-head path", t_many))])
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--candidates", required=True)
     ap.add_argument("--model", default=str(models_root() / "qwen2.5-coder-0.5b-instruct"))
     ap.add_argument("--problems", type=int, default=6)
-    ap.add_argument("--what", choices=["score", "store"], default="score")
+    ap.add_argument("--what", choices=["score", "store", "overhead"], default="score")
     ap.add_argument("--share", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
     a = ap.parse_args()
@@ -79,6 +121,8 @@ def main() -> int:
     width = max(len(bb.prompt_ids(r["prompt"])) + len(r["token_ids"]) for r in ordered)
     ids, attn, resp = pipeline.encode_rows(bb, ordered, -(-width // 64) * 64)
     share = bool(a.share)
+    if a.what == "overhead":
+        return overhead(bb, ids[: a.batch], attn[: a.batch], resp[: a.batch], lim)
     if a.what == "score":
         heads = [(swift.init_params(jax.random.key(i), F.feature_dim(s, cfg)), s) for i, s in enumerate(VARIANTS)]
 
