@@ -284,9 +284,9 @@ def candidate_set(backbone: Backbone, task: Task, split: str, *, n: int, samplin
         by_batch[b] = new
         if progress:
             k = len(by_batch) - done_before
-            rate = k / max(time.time() - t0, 1e-9)
-            print(f"\rsampling {split}: shard {b + 1}/{n_batches} ({rate:.2f} shards/s)", end="", file=sys.stderr,
-                  flush=True)
+            per = (time.time() - t0) / max(k, 1)
+            print(f"\rsampling {split}: shard {b + 1}/{n_batches} ({per:.1f} s/shard this run)", end="",
+                  file=sys.stderr, flush=True)
         if delay:
             time.sleep(delay)
 
