@@ -103,9 +103,9 @@ def length_batches(attention_mask, batch_size: int, *, bucket: int | None = 64,
 
 
 class PromptBatch(NamedTuple):
-    """One batch of :func:`prompt_batches`: ``rows`` [batch_size] (-1 pads), whose shared prompt
-    is row ``prompt_row``'s columns ``[prompt_start, response_start)``, and whose responses lie
-    in columns ``[response_start[b], response_start[b] + width)`` of their own rows."""
+    """One batch of :func:`prompt_batches`: ``rows`` [batch_size] (-1 pads) share the prompt of
+    row ``prompt_row`` (its real tokens before its response); each row's response, at most
+    ``width`` tokens, is computed in a [batch_size, width] block starting at column 0."""
 
     rows: np.ndarray
     prompt_row: int
