@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHES = ["bench_models.py", "bench_decode.py", "bench_stream.py", "bench_swift.py", "bench_genarm.py"]
+BENCHES = ["bench_models.py", "bench_decode.py", "bench_products.py", "bench_stream.py", "bench_swift.py", "bench_genarm.py"]
 
 
 def main() -> int:
