@@ -1,9 +1,11 @@
 """Decoding against the machine's limits: per-step time of greedy decoding on real model
-shapes, as a fraction of the roofline and against transformers in the same process;
+shapes, as a fraction of the roofline and against transformers in the same process; the
+study's sampled step (nucleus draws, confidences recorded) at the sampler's row counts;
 Best-of-N candidates/s with and without the shared-prompt prefill; bfloat16 weights;
 forward with all hidden states as a fraction of the matmul peak; peak memory of loading.
 
-    python bench/bench_decode.py [--models DIR ...] [--batches 1,16,64] [--small]
+    python bench/bench_decode.py [--models DIR ...] [--batches 1,16,64] [--sampled-batches 48,64]
+                                 [--sections greedy,sampled,bon,bf16,forward,load] [--small]
 
 Models: the converted real checkpoints in the model cache (``swiftjax models fetch``) when
 present, else synthetic Llama configs of the same shapes (random weights). Run it on an
@@ -121,15 +123,36 @@ def _prompt(tok_path: Path, length: int, vocab: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- decode steps
-def jax_step_ms(model, prompt, batch: int, n1: int, n2: int, groups: int) -> float:
+# the study's sampler settings (configs/study/*.yaml): nucleus draws, top-20 confidences recorded
+SECTIONS = ("greedy", "sampled", "bon", "bf16", "forward", "load")
+STUDY_SAMPLING = dict(temperature=0.7, top_p=0.95, record_topk=20)
+
+
+def jax_step_ms(model, prompt, batch: int, n1: int, n2: int, groups: int, sampling: dict | None = None) -> float:
+    """ms per decode step (greedy, or ``sampling``'s SamplingConfig fields with a fixed key)."""
     ids = jnp.asarray(np.tile(prompt[None], (batch, 1)))
+    key = jax.random.key(0)
 
     def run(n):
-        cfg = SamplingConfig(max_new_tokens=n, temperature=0.0)
-        return timeit(lambda: jax.block_until_ready(generate(model, ids, cfg=cfg, prompt_groups=groups).tokens),
+        cfg = SamplingConfig(max_new_tokens=n, **(sampling or {"temperature": 0.0}))
+        return timeit(lambda: jax.block_until_ready(generate(model, ids, key=key, cfg=cfg,
+                                                             prompt_groups=groups).tokens),
                       warmup=1, repeats=2)
 
     return 1e3 * (run(n2) - run(n1)) / (n2 - n1)
+
+
+def bench_sampled(path, lim, batches, prompt_len, n1, n2) -> list[dict]:
+    """The study's sampled step per batch: ms, rows/s and the roofline of a greedy step."""
+    model, cfg = swiftjax.load_model(path)
+    prompt = _prompt(path, prompt_len, cfg.vocab_size)
+    rows = []
+    for b in batches:
+        ms = jax_step_ms(model, prompt, b, n1, n2, groups=b, sampling=STUDY_SAMPLING)
+        bound = step_bound(cfg, b, prompt_len + (n1 + n2) / 2, lim)
+        rows.append({"batch": b, "step_ms": ms, "rows_s": 1e3 * b / ms, "bound_ms": bound["bound_ms"],
+                     "x_bound": ms / bound["bound_ms"]})
+    return rows
 
 
 def torch_step_ms(hf, prompt, batch: int, steps: int) -> float:
@@ -262,8 +285,15 @@ def main() -> int:
     ap.add_argument("--models", nargs="*", default=None, help="HF model directories (default: the cache's)")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--sampled-batches", default="48,64",
+                    help="batches of the study's sampled step (T=0.7, top-p 0.95, top-20 recorded): rows/s picks "
+                         "the sampler's rows in flight")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"which to run, of {','.join(SECTIONS)}")
     ap.add_argument("--small", action="store_true", help="a tiny synthetic model (smoke run)")
     a = ap.parse_args()
+    run = set(a.sections.split(","))
+    if run - set(SECTIONS):
+        ap.error(f"--sections: unknown {sorted(run - set(SECTIONS))}; expected some of {','.join(SECTIONS)}")
     batches = [int(b) for b in a.batches.split(",")]
     n1, n2 = (4, 12) if a.small else (8, 40)
     print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
@@ -273,14 +303,22 @@ def main() -> int:
     report("machine limits (best of numpy/jax/torch)", [lim])
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in model_dirs(a.models, a.small, Path(tmp)):
-            report(f"greedy decode step, prompt {a.prompt_len}: {name}",
-                   bench_decode(name, path, lim, batches, a.prompt_len, n1, n2))
+            if "greedy" in run:
+                report(f"greedy decode step, prompt {a.prompt_len}: {name}",
+                       bench_decode(name, path, lim, batches, a.prompt_len, n1, n2))
+            if "sampled" in run and a.sampled_batches:
+                report(f"sampled decode step {STUDY_SAMPLING}, prompt {a.prompt_len}: {name}",
+                       bench_sampled(path, lim, [int(b) for b in a.sampled_batches.split(",")], a.prompt_len, n1, n2))
             plen, new = (32, 8) if a.small else (256, 64)
-            report(f"Best-of-N sampling (T=0.7), 2 prompts of {plen} tokens, {new} new tokens: {name}",
-                   bench_best_of_n(name, path, plen, new, (8, 16)))
-            report(f"bfloat16 weights, batch 16: {name}", bench_bf16(name, path, a.prompt_len, 16, n1, n2, lim))
-            report(f"forward + all hidden states: {name}", bench_forward(name, path, lim, 8, 256))
-            report(f"load_model peak memory: {name}", [load_peak(path)])
+            if "bon" in run:
+                report(f"Best-of-N sampling (T=0.7), 2 prompts of {plen} tokens, {new} new tokens: {name}",
+                       bench_best_of_n(name, path, plen, new, (8, 16)))
+            if "bf16" in run:
+                report(f"bfloat16 weights, batch 16: {name}", bench_bf16(name, path, a.prompt_len, 16, n1, n2, lim))
+            if "forward" in run:
+                report(f"forward + all hidden states: {name}", bench_forward(name, path, lim, 8, 256))
+            if "load" in run:
+                report(f"load_model peak memory: {name}", [load_peak(path)])
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
