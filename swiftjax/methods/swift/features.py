@@ -259,7 +259,7 @@ def _features_from(model, states, logits, ids, resp, specs, layers_each, first=N
     """Traced: the per-spec features of one forward's sown states / logits (``first``: the logits
     before ``ids[:, 0]`` when the batch continues a prefilled prompt, else None)."""
     outs = []
-    logits, first = _stats(logits), _stats(first)
+    logits, first = _stats(logits, model, ids, specs), _stats(first)
     for spec, layers in zip(specs, layers_each):
         if spec.mode == "hidden":
             x = jnp.concatenate([_tap(model, states[i], spec.apply_norm) for i in layers], axis=-1)
@@ -275,15 +275,26 @@ def _needs_logits(specs) -> bool:
 
 def _sown(model, ids, attn, specs, layers_each, cache=None):
     """Traced: one forward (on ``cache`` when given) -> ({i: raw state [B, T, D]} for the union
-    of the hidden specs' layers, logits [B, T, V] or None when no spec reads them)."""
-    hidden = sorted({i for s, ls in zip(specs, layers_each) if s.mode == "hidden" for i in ls})
+    of the hidden specs' layers, the logits or None when no spec reads them).
+
+    The logits are [B, T, V] only when a spec reads them whole (mode 'logits'); otherwise they
+    are a :class:`_FinalState` (the final normed state [B, T, D]) from which :func:`_stats`
+    computes every per-position statistic the specs read in chunks of positions, never holding
+    [B, T, V]: on a 152k vocabulary those temporaries cost more than the projection itself."""
+    hidden = {i for s, ls in zip(specs, layers_each) if s.mode == "hidden" for i in ls}
     need_logits = _needs_logits(specs)
-    if not hidden:
+    whole = any(s.mode == "logits" for s in specs)
+    last = model.config.num_layers
+    taps = sorted(hidden | ({last} if need_logits and not whole else set()))
+    if not taps:
         return {}, model(ids, attn, cache=cache).logits if need_logits else None
-    out, inter = nnx.capture(model, HiddenState)(ids, attn, cache=cache, taps=Taps(layers=tuple(hidden)),
-                                                 compute_logits=need_logits)
+    out, inter = nnx.capture(model, HiddenState)(ids, attn, cache=cache, taps=Taps(layers=tuple(taps)),
+                                                 compute_logits=whole)
     flat = nnx.to_pure_dict(inter)
-    return {i: flat[f"state_{i:03d}"][0] for i in hidden}, out.logits
+    states = {i: flat[f"state_{i:03d}"][0] for i in taps}
+    if need_logits and not whole:
+        return {i: states[i] for i in hidden}, _FinalState(states[last])
+    return states, out.logits
 
 
 def _prefill_shared(model, prompt_ids, prompt_mask, rows: int, width: int, need_logits: bool):
@@ -339,6 +350,10 @@ class _LogitStats:
             self._ent = log_s - jnp.sum(e * z, axis=-1) / tot
         return self._lse, self._ent
 
+    def next_logit(self, ids):
+        """[B, T]: the logit of ``ids[:, t + 1]`` at position t (the last position reads id 0)."""
+        return jnp.take_along_axis(self.logits, _next_ids(ids)[..., None], axis=-1)[..., 0]
+
     def topk(self, k: int):
         """The k largest logits [B, T, k], sorted. One top-k per k: slicing a shared larger
         top-k looks cheaper, but XLA:CPU then lowers it to a full sort of the vocabulary
@@ -348,8 +363,125 @@ class _LogitStats:
         return self._top[k]
 
 
-def _stats(logits):
-    return None if logits is None else _LogitStats(logits)
+class _FinalState(NamedTuple):
+    """The final normed state [B, T, D] standing in for the logits it projects to."""
+
+    h: jax.Array
+
+
+LOGIT_CHUNK = 256  # positions per chunk of the chunked logit statistics
+
+
+def unembed_logits(model, h):
+    """Traced: the model's float32 logits of final normed states ``h`` [..., D] (its output
+    projection and soft-capping, exactly as its forward applies them)."""
+    from swiftjax.models.layers import softcap
+
+    return softcap(model.unembed(h).astype(jnp.float32), model.config.final_logit_softcapping)
+
+
+class _ChunkedLogitStats:
+    """The statistics of :class:`_LogitStats` (log-normaliser, entropy, top-k per k, and the
+    logit of each position's next token) computed from the final state in chunks of
+    ``LOGIT_CHUNK`` positions: each chunk projects to its logits [chunk, V] and reduces them,
+    so no [B, T, V] array (nor its shifted / exponentiated copies) is ever held. Same formulas,
+    position by position, as :class:`_LogitStats`."""
+
+    def __init__(self, model, h, ids, ks: Sequence[int], chunk: int | None = None):
+        b, t, d = h.shape
+        n = b * t
+        size = min(chunk or LOGIT_CHUNK, n)
+        pad = (-n) % size
+        nxt = _next_ids(ids)
+        hf = jnp.pad(h.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, size, d)
+        nf = jnp.pad(nxt.reshape(n), (0, pad)).reshape(-1, size)
+        ks = tuple(sorted(set(ks)))
+
+        def one(args):
+            hc, nc = args
+            lg = unembed_logits(model, hc)                                   # [size, V]
+            m = jnp.max(lg, axis=-1, keepdims=True)
+            z = lg - m
+            e = jnp.exp(z)
+            tot, ez = _row_sums(e, e * z)
+            log_s = jnp.log(tot)
+            tok = jnp.take_along_axis(lg, nc[:, None], axis=-1)[:, 0]
+            return m[:, 0] + log_s, log_s - ez / tot, tok, _top_values(lg, ks)
+
+        lse, ent, tok, tops = jax.lax.map(one, (hf, nf))
+
+        def back(x):
+            return x.reshape((-1,) + x.shape[2:])[:n].reshape((b, t) + x.shape[2:])
+
+        self._lse, self._ent, self._tok = back(lse), back(ent), back(tok)
+        self._top = {k: back(x) for k, x in zip(ks, tops)}
+        self._ids = ids
+
+    def lse(self):
+        return self._lse
+
+    def lse_entropy(self):
+        return self._lse, self._ent
+
+    def topk(self, k: int):
+        if k not in self._top:
+            raise ValueError(f"top-k: k={k} was not computed (computed: {sorted(self._top)})")
+        return self._top[k]
+
+    def next_logit(self, ids):
+        """[B, T]: the logit of ``ids[:, t + 1]`` at position t (0 at the last position)."""
+        if ids is not self._ids:
+            raise ValueError("next_logit: expected the ids these statistics were computed for")
+        return self._tok
+
+
+SUM_BLOCK = 128  # inner block of the two-level row sums of _row_sums
+
+
+def _row_sums(a, b):
+    """(sum a, sum b) over the last axis of two [R, V] arrays in one pass.
+
+    One variadic reduction instead of two: XLA:CPU turns ``sum(e * z)`` into a dot product
+    that runs at half the speed of the exp pass itself. Summed in blocks of ``SUM_BLOCK``
+    columns, then across blocks, so the float32 rounding stays that of a pairwise sum (a flat
+    sequential reduction over 152k columns drifts by ~3e-4 relative)."""
+    r, v = a.shape
+    pad = (-v) % SUM_BLOCK
+    if pad:  # zero columns add nothing to either sum
+        a, b = jnp.pad(a, ((0, 0), (0, pad))), jnp.pad(b, ((0, 0), (0, pad)))
+    zero = np.float32(0)
+    sa, sb = jax.lax.reduce((a.reshape(r, -1, SUM_BLOCK), b.reshape(r, -1, SUM_BLOCK)), (zero, zero),
+                            lambda x, y: (x[0] + y[0], x[1] + y[1]), (2,))
+    return jnp.sum(sa, axis=-1), jnp.sum(sb, axis=-1)
+
+
+def _top_values(x, ks: Sequence[int]) -> tuple:
+    """The k largest values of ``x`` [R, V] for each k of ``ks`` (sorted, ascending ks): one
+    top-k over V for the largest k, the smaller ones taken from it with a top-k of its own
+    (the same values; slicing it instead makes XLA:CPU sort the whole vocabulary)."""
+    if not ks:
+        return ()
+    big = jax.lax.top_k(x, ks[-1])[0]
+    return tuple(big if k == ks[-1] else jax.lax.top_k(big, k)[0] for k in ks)
+
+
+def _next_ids(ids):
+    """ids shifted left by one position (0 after the last): the token each position predicts."""
+    return jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1).astype(jnp.int32)
+
+
+def _spec_ks(specs) -> tuple[int, ...]:
+    return tuple(s.k for s in specs if s.mode in ("token_logprobs", "topk", "topk_logprobs") and s.k)
+
+
+def _stats(logits, model=None, ids=None, specs=()):
+    """The shared statistics of one forward's logits: None, :class:`_LogitStats` over [B, T, V]
+    logits, or :class:`_ChunkedLogitStats` from a :class:`_FinalState`."""
+    if logits is None:
+        return None
+    if isinstance(logits, _FinalState):
+        return _ChunkedLogitStats(model, logits.h, ids, _spec_ks(specs))
+    return _LogitStats(logits)
 
 
 def token_logprob_features(logits, ids, k: int = 0, first=None):
@@ -362,21 +494,22 @@ def token_logprob_features(logits, ids, k: int = 0, first=None):
     features can weight such tokens, which hidden states alone expose only bilinearly.
     Computed per position on the logits as they are (no shifted or normalised [B, T, V] copy):
     the features of position t describe token t + 1, then shift by one."""
-    st = logits if isinstance(logits, _LogitStats) else _LogitStats(logits)
-    nxt = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1).astype(jnp.int32)
-    cur = _position_feats(st, nxt, k)                                    # [B, T, 2 + k] about token t + 1
+    st = logits if isinstance(logits, (_LogitStats, _ChunkedLogitStats)) else _LogitStats(logits)
+    cur = _position_feats(st, st.next_logit(ids), k)                     # [B, T, 2 + k] about token t + 1
     if first is None:
         head = jnp.zeros_like(cur[:, :1])
     else:
         fs = first if isinstance(first, _LogitStats) else _LogitStats(first)
-        head = _position_feats(fs, ids[:, :1].astype(jnp.int32), k)
+        tok0 = jnp.take_along_axis(fs.logits, ids[:, :1, None].astype(jnp.int32), axis=-1)[..., 0]
+        head = _position_feats(fs, tok0, k)
     return jnp.concatenate([head, cur[:, :-1]], axis=1)
 
 
-def _position_feats(st: _LogitStats, nxt, k: int):
-    """[log p(nxt[t]), entropy, top-k log-probs] of position t's distribution -> [B, T, 2 + k]."""
+def _position_feats(st, tok_logit, k: int):
+    """[log p(token), entropy, top-k log-probs] of position t's distribution, given the logit of
+    the token that follows it ``tok_logit`` [B, T] -> [B, T, 2 + k]."""
     lse, ent = st.lse_entropy()
-    tok = jnp.take_along_axis(st.logits, nxt[..., None], axis=-1)[..., 0] - lse
+    tok = tok_logit - lse
     parts = [tok[..., None], ent[..., None]]
     if k:
         parts.append(st.topk(k) - lse[..., None])
@@ -388,7 +521,7 @@ def _logit_feats(logits, ids, spec: FeatureSpec, first=None):
     :class:`_LogitStats` shared by every spec of the forward."""
     if spec.mode == "token_logprobs":
         return token_logprob_features(logits, ids, spec.k, first)
-    if not isinstance(logits, _LogitStats):
+    if not isinstance(logits, (_LogitStats, _ChunkedLogitStats)):
         return swift.logits_features(logits, _LOGITS_MODE[spec.mode], spec.k)
     if spec.mode == "logits":
         return logits.logits
@@ -865,7 +998,7 @@ def _fused_many(state, heads, ids, attn, resp, *, graphdef, specs, layers):
     ids, attn, resp = _split_rows(ids, attn, resp)
     model = nnx.merge(graphdef, state)
     states, logits = _sown(model, ids, attn, specs, layers)
-    logits = _stats(logits)
+    logits = _stats(logits, model, ids, specs)
     return jnp.stack([swift.score_from_projections(_head_projection(model, p, s, ls, states, logits, ids), resp)
                       for p, s, ls in zip(heads, specs, layers)])
 
@@ -875,7 +1008,7 @@ def _fused_many_shared(state, heads, prompt_ids, prompt_mask, ids, attn, resp, *
     ids, attn, resp = _split_rows(ids, attn, resp)
     model = nnx.merge(graphdef, state)
     states, logits, first = _sown_shared(model, prompt_ids, prompt_mask, ids, attn, specs, layers)
-    logits, first = _stats(logits), _stats(first)
+    logits, first = _stats(logits, model, ids, specs), _stats(first)
     return jnp.stack([swift.score_from_projections(_head_projection(model, p, s, ls, states, logits, ids, first),
                                                    resp)
                       for p, s, ls in zip(heads, specs, layers)])

@@ -148,7 +148,7 @@ def _trained_head(cfg: SwiftStudyConfig, variant: Variant, source, store, correc
     params, info = pipeline.train_on_store(source, correct, cfg, log=log)
     t0 = time.time()
     info["train_scores"] = train_mod.score_rows(params, source, np.arange(len(source))).tolist()
-    info["train_scoring_seconds"] = round(time.time() - t0, 1)
+    info["train_scoring_seconds"] = round(time.time() - t0, 3)
     info["key"] = key
     save_head(path, params, variant.features, info)
     return params, info
@@ -220,7 +220,7 @@ def run_study(cfg: SwiftStudyConfig, *, log=print) -> dict:
     stores, tr_ids, tr_arr = pipeline.feature_stores_for(backbone, train_rows, store_specs, cache, max_len=max_len,
                                                          batch_size=cfg.extract_batch, progress=cfg.progress, log=log,
                                                          share_prompts=cfg.share_prompts)
-    stages["train_features_seconds"] = round(time.time() - t0, 1)
+    stages["train_features_seconds"] = round(time.time() - t0, 3)
     norm = jax.jit(backbone.model.final_norm)
     heads, infos = [], {}
     for v, src in zip(cfg.variants, sources):
@@ -233,7 +233,7 @@ def run_study(cfg: SwiftStudyConfig, *, log=print) -> dict:
     ordered = pipeline.in_group_order(test_rows, te_ids)
     scores, secs, tokens = _test_scores(cfg, backbone, heads, ordered, max_len, out, log)
     if tokens:
-        stages["test_scoring_seconds"] = round(secs, 1)
+        stages["test_scoring_seconds"] = round(secs, 3)
         stages["test_scoring_response_tokens_per_s"] = round(tokens / secs, 1)
         log(f"scored {len(ordered)} test candidates with {len(heads)} heads in one forward: {secs:.0f}s")
 
@@ -260,7 +260,7 @@ def run_study(cfg: SwiftStudyConfig, *, log=print) -> dict:
         "model": backbone.describe(),
         "task": task.describe(),
         "config": to_plain(cfg),
-        "wall_seconds": round(time.time() - t_start, 1),
+        "wall_seconds": round(time.time() - t_start, 3),
     }
     result["verdict"] = verdict(result)
     with atomic_file(out / "study.json", "w") as f:

@@ -563,6 +563,49 @@ def test_token_logprob_features_match_numpy():
                                                                              k=3))[:, 1:], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [5, 7, 10_000])
+def test_chunked_logit_statistics_match_transformers(pair, chunk, monkeypatch):
+    """The logits-mode features come from the final state in chunks of positions (never the
+    [B, T, V] logits): several chunks, a ragged last one and a single one all equal numpy on
+    transformers' logits (log-prob of the next token, entropy, top-k log-probs; raw top-k)."""
+    _, hf, model, cfg = pair
+    monkeypatch.setattr(F, "LOGIT_CHUNK", chunk)
+    ids, attn, resp = _batch()                                  # 3 x 12 = 36 positions
+    specs = (F.FeatureSpec(mode="token_logprobs", k=3), F.FeatureSpec(mode="topk_logprobs", k=4),
+             F.FeatureSpec(mode="topk", k=2), F.FeatureSpec(layers=(1,)))
+    got = [np.asarray(x) for x in F.extract_many(model, ids, attn, resp, specs)]
+    logits, states = _torch(hf, ids, attn)
+    lp = logits - logits.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    on = resp.astype(bool)
+    ref_tok = np.zeros(ids.shape + (5,))
+    for b in range(ids.shape[0]):
+        for t in range(1, ids.shape[1]):
+            prev = lp[b, t - 1]
+            ref_tok[b, t] = [prev[ids[b, t]], -(np.exp(prev) * prev).sum(), *np.sort(prev)[::-1][:3]]
+    np.testing.assert_allclose(got[0][on], ref_tok[on], atol=HF_TOL, rtol=1e-5)
+    np.testing.assert_allclose(got[1][on], -np.sort(-lp, axis=-1)[..., :4][on], atol=HF_TOL, rtol=1e-5)
+    np.testing.assert_allclose(got[2][on], -np.sort(-logits, axis=-1)[..., :2][on], atol=HF_TOL, rtol=1e-5)
+    np.testing.assert_allclose(got[3][on], states[1].numpy()[on], atol=HF_TOL, rtol=1e-5)
+    assert all(np.all(g[~on] == 0) for g in got)
+
+
+@pytest.mark.parametrize("v", [256, 300, 151936])
+def test_row_sums_and_top_values_match_numpy(v):
+    """The chunked statistics' two building blocks: blocked variadic row sums (float32, close to
+    float64 numpy even over a 152k vocabulary) and the top-k values of several k at once."""
+    rs = np.random.RandomState(v)
+    a = np.exp(rs.randn(3, v)).astype(np.float32)
+    b = (rs.randn(3, v) * 4).astype(np.float32)
+    sa, sb = (np.asarray(x) for x in jax.jit(F._row_sums)(jnp.asarray(a), jnp.asarray(b)))
+    np.testing.assert_allclose(sa, a.astype(np.float64).sum(-1), rtol=2e-6)
+    np.testing.assert_allclose(sb, b.astype(np.float64).sum(-1), rtol=2e-6, atol=2e-6 * np.abs(b).sum(-1).max())
+    tops = F._top_values(jnp.asarray(b), (2, 5, 9))
+    for k, got in zip((2, 5, 9), tops):
+        np.testing.assert_array_equal(np.asarray(got), -np.sort(-b, axis=-1)[:, :k])
+    assert F._top_values(jnp.asarray(b), ()) == ()
+
+
 def test_fused_prefix_scores_equal_the_fused_score_of_each_prefix(models):
     _, model, cfg = models("llama")
     spec = F.FeatureSpec(layers=(0, 2), apply_norm=True)
