@@ -369,7 +369,7 @@ class _FinalState(NamedTuple):
     h: jax.Array
 
 
-LOGIT_CHUNK = 256  # positions per chunk of the chunked logit statistics
+LOGIT_CHUNK = 256  # positions (rows x columns) per chunk of the chunked logit statistics
 
 
 def unembed_logits(model, h):
@@ -382,36 +382,37 @@ def unembed_logits(model, h):
 
 class _ChunkedLogitStats:
     """The statistics of :class:`_LogitStats` (log-normaliser, entropy, top-k per k, and the
-    logit of each position's next token) computed from the final state in chunks of
-    ``LOGIT_CHUNK`` positions: each chunk projects to its logits [chunk, V] and reduces them,
+    logit of each position's next token) computed from the final state [B, T, D] in chunks of
+    ``LOGIT_CHUNK // B`` columns of every row: each chunk projects to its logits and reduces them,
     so no [B, T, V] array (nor its shifted / exponentiated copies) is ever held. Same formulas,
     position by position, as :class:`_LogitStats`."""
 
     def __init__(self, model, h, ids, ks: Sequence[int], chunk: int | None = None):
         b, t, d = h.shape
-        n = b * t
-        size = min(chunk or LOGIT_CHUNK, n)
-        pad = (-n) % size
-        nxt = _next_ids(ids)
-        hf = jnp.pad(h.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, size, d)
-        nf = jnp.pad(nxt.reshape(n), (0, pad)).reshape(-1, size)
+        c = max(1, min(t, (chunk or LOGIT_CHUNK) // b))   # columns per chunk: ~chunk positions, all rows
+        pad = (-t) % c
+        # [chunks, B, c, ...]: the rows stay whole in every chunk (their sharding along 'data' too)
+        hc_all = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, c, d).transpose(1, 0, 2, 3)
+        nc_all = jnp.pad(_next_ids(ids), ((0, 0), (0, pad))).reshape(b, -1, c).transpose(1, 0, 2)
         ks = tuple(sorted(set(ks)))
 
         def one(args):
             hc, nc = args
-            lg = unembed_logits(model, hc)                                   # [size, V]
+            lg = unembed_logits(model, hc).reshape(b * c, -1)               # [B * c, V]
             m = jnp.max(lg, axis=-1, keepdims=True)
             z = lg - m
             e = jnp.exp(z)
             tot, ez = _row_sums(e, e * z)
             log_s = jnp.log(tot)
-            tok = jnp.take_along_axis(lg, nc[:, None], axis=-1)[:, 0]
-            return m[:, 0] + log_s, log_s - ez / tot, tok, _top_values(lg, ks)
+            tok = jnp.take_along_axis(lg, nc.reshape(-1, 1), axis=-1)[:, 0]
+            out = (m[:, 0] + log_s, log_s - ez / tot, tok, _top_values(lg, ks))
+            return jax.tree.map(lambda x: x.reshape((b, c) + x.shape[1:]), out)
 
-        lse, ent, tok, tops = jax.lax.map(one, (hf, nf))
+        lse, ent, tok, tops = jax.lax.map(one, (hc_all, nc_all))
 
-        def back(x):
-            return x.reshape((-1,) + x.shape[2:])[:n].reshape((b, t) + x.shape[2:])
+        def back(x):  # [chunks, B, c, ...] -> [B, T, ...]
+            x = jnp.moveaxis(x, 0, 1)
+            return x.reshape((b, -1) + x.shape[3:])[:, :t]
 
         self._lse, self._ent, self._tok = back(lse), back(ent), back(tok)
         self._top = {k: back(x) for k, x in zip(ks, tops)}

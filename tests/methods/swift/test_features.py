@@ -563,13 +563,14 @@ def test_token_logprob_features_match_numpy():
                                                                              k=3))[:, 1:], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [5, 7, 10_000])
+@pytest.mark.parametrize("chunk", [3, 15, 10_000])  # 3 rows: 1 column a chunk; 5 (ragged: 12 = 5 + 5 + 2); all
 def test_chunked_logit_statistics_match_transformers(pair, chunk, monkeypatch):
-    """The logits-mode features come from the final state in chunks of positions (never the
-    [B, T, V] logits): several chunks, a ragged last one and a single one all equal numpy on
-    transformers' logits (log-prob of the next token, entropy, top-k log-probs; raw top-k)."""
+    """The logits-mode features come from the final state in chunks of columns (never the
+    [B, T, V] logits): one column a chunk, a ragged last chunk and a single chunk all equal
+    numpy on transformers' logits (log-prob of the next token, entropy, top-k log-probs; raw top-k)."""
     _, hf, model, cfg = pair
     monkeypatch.setattr(F, "LOGIT_CHUNK", chunk)
+    jax.clear_caches()  # the chunk size is read while tracing: no compilation of another test's size
     ids, attn, resp = _batch()                                  # 3 x 12 = 36 positions
     specs = (F.FeatureSpec(mode="token_logprobs", k=3), F.FeatureSpec(mode="topk_logprobs", k=4),
              F.FeatureSpec(mode="topk", k=2), F.FeatureSpec(layers=(1,)))
@@ -588,6 +589,7 @@ def test_chunked_logit_statistics_match_transformers(pair, chunk, monkeypatch):
     np.testing.assert_allclose(got[2][on], -np.sort(-logits, axis=-1)[..., :2][on], atol=HF_TOL, rtol=1e-5)
     np.testing.assert_allclose(got[3][on], states[1].numpy()[on], atol=HF_TOL, rtol=1e-5)
     assert all(np.all(g[~on] == 0) for g in got)
+    jax.clear_caches()
 
 
 @pytest.mark.parametrize("v", [256, 300, 151936])
