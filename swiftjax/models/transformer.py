@@ -99,6 +99,13 @@ class DecoderLM(nnx.Module):
         """The affine output projection [.., D] -> [.., V] (before any logit soft-capping)."""
         raise NotImplementedError
 
+    def logits(self, h):
+        """float32 logits of final normed states ``h`` [.., D]: the output projection, then the
+        config's logit soft-capping (the forward's own last step)."""
+        from swiftjax.models.layers import softcap
+
+        return softcap(self.unembed(h).astype(jnp.float32), self.config.final_logit_softcapping)
+
     def rope(self, positions, layer_type: str):
         """Per-forward position tables for the blocks of ``layer_type`` (None for learned positions)."""
         return None
@@ -149,7 +156,7 @@ class DecoderLM(nnx.Module):
                 f"input_ids: expected at most {cfg.max_position_embeddings} positions, got {t}"
             )
 
-        from swiftjax.models.layers import allowed_mask, softcap
+        from swiftjax.models.layers import allowed_mask
 
         # one (RoPE tables, mask) per distinct layer type (Gemma: sliding / full), shared by its blocks
         layer_types = [cfg.layer_type(i) for i in range(cfg.num_layers)]
@@ -193,8 +200,7 @@ class DecoderLM(nnx.Module):
 
         logits = None
         if compute_logits:
-            logits = self.unembed(h[:, -1:] if last_only else h).astype(jnp.float32)
-            logits = softcap(logits, cfg.final_logit_softcapping)
+            logits = self.logits(h[:, -1:] if last_only else h)
         new_cache = None
         if cache is not None:
             new_cache = kv.KVCache(

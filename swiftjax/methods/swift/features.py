@@ -338,16 +338,11 @@ class _LogitStats:
         return self._lse
 
     def lse_entropy(self):
-        """(log sum exp, entropy of the softmax) [B, T], from one exp pass: with z = l - max l,
-        e = exp z, s = sum e: lse = max l + log s, entropy = log s - sum(e z) / s."""
+        """(log sum exp, entropy of the softmax) [B, T], from one exp pass (:func:`_lse_entropy`)."""
         if self._ent is None:
-            m = jnp.max(self.logits, axis=-1, keepdims=True)
-            z = self.logits - jax.lax.stop_gradient(m)
-            e = jnp.exp(z)
-            tot = jnp.sum(e, axis=-1)
-            log_s = jnp.log(tot)
-            self._lse = m[..., 0] + log_s
-            self._ent = log_s - jnp.sum(e * z, axis=-1) / tot
+            v = self.logits.shape[-1]
+            lse, ent = _lse_entropy(self.logits.reshape(-1, v))
+            self._lse, self._ent = lse.reshape(self.logits.shape[:-1]), ent.reshape(self.logits.shape[:-1])
         return self._lse, self._ent
 
     def next_logit(self, ids):
@@ -372,14 +367,6 @@ class _FinalState(NamedTuple):
 LOGIT_CHUNK = 256  # positions (rows x columns) per chunk of the chunked logit statistics
 
 
-def unembed_logits(model, h):
-    """Traced: the model's float32 logits of final normed states ``h`` [..., D] (its output
-    projection and soft-capping, exactly as its forward applies them)."""
-    from swiftjax.models.layers import softcap
-
-    return softcap(model.unembed(h).astype(jnp.float32), model.config.final_logit_softcapping)
-
-
 class _ChunkedLogitStats:
     """The statistics of :class:`_LogitStats` (log-normaliser, entropy, top-k per k, and the
     logit of each position's next token) computed from the final state [B, T, D] in chunks of
@@ -387,9 +374,9 @@ class _ChunkedLogitStats:
     so no [B, T, V] array (nor its shifted / exponentiated copies) is ever held. Same formulas,
     position by position, as :class:`_LogitStats`."""
 
-    def __init__(self, model, h, ids, ks: Sequence[int], chunk: int | None = None):
+    def __init__(self, model, h, ids, ks: Sequence[int]):
         b, t, d = h.shape
-        c = max(1, min(t, (chunk or LOGIT_CHUNK) // b))   # columns per chunk: ~chunk positions, all rows
+        c = max(1, min(t, LOGIT_CHUNK // b))   # columns per chunk: ~LOGIT_CHUNK positions, all rows
         pad = (-t) % c
         # [chunks, B, c, ...]: the rows stay whole in every chunk (their sharding along 'data' too)
         hc_all = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, c, d).transpose(1, 0, 2, 3)
@@ -398,14 +385,9 @@ class _ChunkedLogitStats:
 
         def one(args):
             hc, nc = args
-            lg = unembed_logits(model, hc).reshape(b * c, -1)               # [B * c, V]
-            m = jnp.max(lg, axis=-1, keepdims=True)
-            z = lg - m
-            e = jnp.exp(z)
-            tot, ez = _row_sums(e, e * z)
-            log_s = jnp.log(tot)
+            lg = model.logits(hc).reshape(b * c, -1)                        # [B * c, V]
             tok = jnp.take_along_axis(lg, nc.reshape(-1, 1), axis=-1)[:, 0]
-            out = (m[:, 0] + log_s, log_s - ez / tot, tok, _top_values(lg, ks))
+            out = (*_lse_entropy(lg), tok, _top_values(lg, ks))
             return jax.tree.map(lambda x: x.reshape((b, c) + x.shape[1:]), out)
 
         lse, ent, tok, tops = jax.lax.map(one, (hc_all, nc_all))
@@ -454,6 +436,18 @@ def _row_sums(a, b):
     sa, sb = jax.lax.reduce((a.reshape(r, -1, SUM_BLOCK), b.reshape(r, -1, SUM_BLOCK)), (zero, zero),
                             lambda x, y: (x[0] + y[0], x[1] + y[1]), (2,))
     return jnp.sum(sa, axis=-1), jnp.sum(sb, axis=-1)
+
+
+def _lse_entropy(logits):
+    """(log sum exp, entropy of the softmax) [R] of logits [R, V] from one exp pass: with
+    z = l - max l, e = exp z, s = sum e: lse = max l + log s, entropy = log s - sum(e z) / s
+    (both sums in one :func:`_row_sums` pass)."""
+    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    z = logits - m
+    e = jnp.exp(z)
+    tot, ez = _row_sums(e, e * z)
+    log_s = jnp.log(tot)
+    return m[:, 0] + log_s, log_s - ez / tot
 
 
 def _top_values(x, ks: Sequence[int]) -> tuple:
