@@ -34,7 +34,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report, timeit  # noqa: E402
+from common import block_weights, report, timeit  # noqa: E402
 
 import swiftjax  # noqa: E402
 from swiftjax.convert.fetch import models_root  # noqa: E402
@@ -98,10 +98,8 @@ def _synthetic(name, shape, tmp: Path) -> tuple[str, Path]:
 
 def step_bound(cfg, batch: int, filled: float, lim: dict, bytes_per_weight: int = 4) -> dict:
     """Roofline of one decode step (module doc); ``filled``: mean filled cache slots."""
-    d, L, v = cfg.hidden_size, cfg.num_layers, cfg.vocab_size
-    hq, hkv, dh, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    per_layer = d * (hq + 2 * hkv) * dh + hq * dh * d + 3 * d * f
-    weights = L * per_layer + v * d  # the output head (tied or not); the input table is only gathered
+    L, hq, hkv, dh = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    weights = block_weights(cfg) + cfg.vocab_size * cfg.hidden_size  # the output head; the input table is gathered
     kv_bytes = 2 * L * batch * hkv * dh * filled * 4
     bytes_ = weights * bytes_per_weight + kv_bytes
     flops = 2 * batch * weights + 4 * batch * L * hq * dh * filled
@@ -255,11 +253,9 @@ def bench_forward(name, path, lim, batch: int, seq: int) -> list[dict]:
         return out.logits, out.hidden_states
 
     t = timeit(lambda: jax.block_until_ready(fwd(st, ids)), warmup=1, repeats=3)
-    d, L, v = cfg.hidden_size, cfg.num_layers, cfg.vocab_size
-    per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * d \
-        + 3 * d * cfg.intermediate_size
     tokens = batch * seq
-    flops = 2 * tokens * (L * per_layer + v * d) + 2 * batch * L * cfg.num_heads * cfg.head_dim * seq * seq
+    flops = 2 * tokens * (block_weights(cfg) + cfg.vocab_size * cfg.hidden_size) \
+        + 2 * batch * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq * seq
     return [{"model": name, "batch": batch, "seq": seq, "tok_s": tokens / t, "GFLOPs": flops / t / 1e9,
              "of_peak": flops / t / 1e9 / lim["matmul_GFLOPs"]}]
 

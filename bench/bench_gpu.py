@@ -19,11 +19,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import report, timeit  # noqa: E402
+from common import block_weights, report, timeit  # noqa: E402
 
 from swiftjax.models.config import ModelConfig  # noqa: E402
 from swiftjax.models.registry import create_model  # noqa: E402
@@ -51,9 +50,7 @@ def device_limits(n: int, gib: float) -> dict:
 
 def weights(cfg: ModelConfig) -> int:
     """Parameters a forward multiplies by (the output head once, the input table only gathered)."""
-    per_layer = cfg.hidden_size * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim \
-        + cfg.num_heads * cfg.head_dim * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
-    return cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size
+    return block_weights(cfg) + cfg.vocab_size * cfg.hidden_size
 
 
 def bench_forward(model, cfg: ModelConfig, lim: dict, batch: int, seq: int) -> dict:

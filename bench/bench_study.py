@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import machine_limits  # noqa: E402
-from common import report  # noqa: E402
+from common import block_weights, report  # noqa: E402
 
 from swiftjax.backbone import load_backbone  # noqa: E402
 from swiftjax.batching import prompt_batches, row_spans  # noqa: E402
@@ -89,10 +89,7 @@ def overhead(bb, ids, attn, resp, lim) -> int:
     t_many = _min_time(lambda: F._fused_many(st, (params,), ids, attn, resp, graphdef=gd, specs=(spec,),
                                              layers=(layers,)))
     b, t = ids.shape
-    d, L = cfg.hidden_size, cfg.num_layers
-    per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * d \
-        + 3 * d * cfg.intermediate_size
-    flops = 2 * b * t * L * per_layer + 2 * 2 * b * L * cfg.num_heads * cfg.head_dim * t * t
+    flops = 2 * b * t * block_weights(cfg) + 2 * 2 * b * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * t
     report(f"forward vs fused SWIFT scoring, batch {b} x {t}, {bb.path}", [
         {"what": w, "s": x, "GFLOPs": flops / x / 1e9, "of_matmul_peak": flops / x / 1e9 / lim["matmul_GFLOPs"],
          "overhead_vs_bare": x / t_bare - 1}
@@ -145,11 +142,8 @@ def main() -> int:
     t0 = time.perf_counter()
     run()
     t = time.perf_counter() - t0
-    d, L, v = cfg.hidden_size, cfg.num_layers, cfg.vocab_size
-    per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * d \
-        + 3 * d * cfg.intermediate_size
     fwd = forwarded_tokens(ids, attn, resp, a.batch, share)
-    flops = 2 * fwd * (L * per_layer + v * d)  # logits for every token (logits-mode variants need them)
+    flops = 2 * fwd * (block_weights(cfg) + cfg.vocab_size * cfg.hidden_size)  # logits for every token (logits-mode variants need them)
     report(f"study forward ({a.what}, {'shared prompts' if share else 'plain'}, batch {a.batch}): "
            f"{len(ordered)} candidates of {a.problems} problems, {bb.path}", [{
                "first_run_s": first, "run_s": t, "response_tok_s": float(resp.sum()) / t,

@@ -19,6 +19,15 @@ def timeit(fn, *, warmup: int = 1, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def block_weights(cfg) -> int:
+    """Weights one token multiplies by in the blocks (fused q/k/v, attention output, gated
+    MLP), all layers; a ``ModelConfig``."""
+    d = cfg.hidden_size
+    per_layer = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * d \
+        + 3 * d * cfg.intermediate_size
+    return cfg.num_layers * per_layer
+
+
 def report(name: str, rows: list[dict]) -> None:
     """Print a small table and append the rows as JSON lines to $BENCH_OUT if set."""
     print(f"\n== {name}")
