@@ -33,7 +33,7 @@ __all__ = [
     "mean_logprob", "self_certainty", "token_confidence", "lowest_group_confidence", "tail_confidence",
     "pick_best", "pick_majority", "pick_weighted", "pick_filter_vote", "pick_borda", "RULES",
     "softmax_weights", "estimate_at_k", "sampler_confidences", "fit_temperature",
-    "selection_table", "format_selection", "SCORED_RULES",
+    "selection_table", "format_selection", "SCORED_RULES", "per_problem_at_k", "paired_difference",
 ]
 
 
@@ -196,14 +196,13 @@ def _per_problem(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean() * 100), float(se * 100)
 
 
-def estimate_at_k(rule: str | Callable, answers: Sequence[Sequence], scores, correct, ks: Sequence[int], *,
-                  draws: int = 200, seed: int = 0, **rule_kw) -> dict[int, tuple[float, float]]:
-    """{k: (accuracy %, standard error %)} of ``rule`` over random k-subsets.
+def per_problem_at_k(rule: str | Callable, answers: Sequence[Sequence], scores, correct, ks: Sequence[int], *,
+                     draws: int = 200, seed: int = 0, **rule_kw) -> dict[int, np.ndarray]:
+    """{k: [P] accuracy in [0, 1] of ``rule`` on each problem, over random k-subsets of its N.
 
     For each problem, ``draws`` subsets of size k (k = N: the full set once) are drawn with a
-    seeded generator (the same subsets for every rule and score given the seed); the problem's
-    accuracy is the mean over its subsets, the estimate the mean over problems, and the
-    standard error the problems' standard deviation / sqrt(P)."""
+    seeded generator: the same subsets for every rule and score given the seed, so two rules'
+    per-problem values can be compared pairwise (:func:`paired_difference`)."""
     fn = RULES[rule] if isinstance(rule, str) else rule
     correct = np.asarray(correct, bool)
     p, n = correct.shape
@@ -223,8 +222,26 @@ def estimate_at_k(rule: str | Callable, answers: Sequence[Sequence], scores, cor
                 j = fn([answers[i][t] for t in sub], scores[i, sub], **rule_kw)
                 hits.append(bool(j is not None and correct[i, sub[j]]))
             per[i] = np.mean(hits)
-        out[int(k)] = _per_problem(per)
+        out[int(k)] = per
     return out
+
+
+def estimate_at_k(rule: str | Callable, answers: Sequence[Sequence], scores, correct, ks: Sequence[int], *,
+                  draws: int = 200, seed: int = 0, **rule_kw) -> dict[int, tuple[float, float]]:
+    """{k: (accuracy %, standard error %)} of ``rule`` over random k-subsets: the mean over
+    problems of :func:`per_problem_at_k`, and the problems' standard deviation / sqrt(P)."""
+    per = per_problem_at_k(rule, answers, scores, correct, ks, draws=draws, seed=seed, **rule_kw)
+    return {k: _per_problem(v) for k, v in per.items()}
+
+
+def paired_difference(per_a, per_b) -> tuple[float, float]:
+    """(mean difference, standard error) in percentage points between two rules' per-problem
+    accuracies on the same problems (and subsets): the standard error of the per-problem
+    differences, which is smaller than the unpaired one when the rules agree on most problems."""
+    a, b = np.asarray(per_a, np.float64), np.asarray(per_b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"per_a, per_b: expected two [P] arrays, got {list(a.shape)} and {list(b.shape)}")
+    return _per_problem(a - b)
 
 
 # ----------------------------------------------------------------------------- from the sampler

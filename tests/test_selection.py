@@ -93,6 +93,38 @@ def test_estimate_at_k_is_exact_expectation_in_the_limit():
         correct.mean() * 100, abs=2.0)
 
 
+def test_paired_difference_at_k_equals_n_against_a_plain_loop():
+    rng = np.random.default_rng(5)
+    p, n = 40, 6
+    correct = rng.random((p, n)) < 0.5
+    scores = rng.normal(size=(p, n))
+    answers = [[str(a) for a in row] for row in rng.integers(0, 3, size=(p, n))]
+    best = S.per_problem_at_k("best", answers, scores, correct, [n])[n]
+    maj = S.per_problem_at_k("majority", answers, None, correct, [n])[n]
+    # references written out: the arg-max's correctness, and the first-reached most frequent answer's
+    ref_best = correct[np.arange(p), scores.argmax(1)].astype(float)
+    ref_maj = np.empty(p)
+    for i in range(p):
+        counts = {a: answers[i].count(a) for a in answers[i]}
+        top = max(counts.values())
+        j = next(t for t, a in enumerate(answers[i]) if counts[a] == top)
+        ref_maj[i] = correct[i, j]
+    np.testing.assert_array_equal(best, ref_best)
+    np.testing.assert_array_equal(maj, ref_maj)
+    d = ref_best - ref_maj
+    got = S.paired_difference(best, maj)
+    assert got == pytest.approx((d.mean() * 100, d.std(ddof=1) / np.sqrt(p) * 100))
+    # estimate_at_k is the mean of the same per-problem values; identical rules differ by exactly 0
+    assert S.estimate_at_k("best", answers, scores, correct, [n])[n][0] == pytest.approx(ref_best.mean() * 100)
+    assert S.paired_difference(best, best) == (0.0, 0.0)
+    # the same seeded subsets for every rule: a paired difference of k-subsets is 0 for a rule and itself
+    a2 = S.per_problem_at_k("best", answers, scores, correct, [2], draws=50, seed=3)[2]
+    b2 = S.per_problem_at_k("best", answers, scores, correct, [2], draws=50, seed=3)[2]
+    np.testing.assert_array_equal(a2, b2)
+    with pytest.raises(ValueError, match=r"per_a, per_b: expected two \[P\] arrays"):
+        S.paired_difference(best, maj[:-1])
+
+
 def test_sampler_confidences_combine_the_recorded_arrays():
     rng = np.random.default_rng(3)
     lp = _softmax_logp(rng, 3, 6, 9)

@@ -58,6 +58,16 @@ def test_study_trains_every_head_and_scores_them_in_one_forward(tmp_path):
     saved = json.loads((tmp_path / "out" / "study.json").read_text())
     assert saved["verdict"] == res["verdict"] and "majority vote" in res["verdict"]
     assert (tmp_path / "out" / "study.md").read_text().startswith("| score / rule |")
+    # every head x rule against majority vote, paired over the same test problems, recomputed here
+    _, arr_te = cands.group(cands.read_candidates(next((tmp_path / "cache").glob("candidates_test_*.jsonl"))))
+    maj = np.array([_majority_correct(a, c) for a, c in zip(arr_te["answers"], arr_te["correct"])])
+    assert set(res["vs_majority"]) == {f"{v}/{r}" for v in [x["name"] for x in VARIANTS]
+                                       for r in ("best", "weighted", "filter_vote", "borda")}
+    sc = np.load(next((tmp_path / "out").glob("test_scores_*.npy")))[0].reshape(arr_te["correct"].shape)
+    d = arr_te["correct"][np.arange(len(maj)), sc.argmax(1)] - maj
+    assert res["vs_majority"]["all/best"] == pytest.approx([d.mean() * 100, d.std(ddof=1) / np.sqrt(len(d)) * 100])
+    assert res["verdict"].startswith("all/best Best-of-4") and "paired difference" in res["verdict"]
+    assert "| vs majority vote @4, paired (points) |" in (tmp_path / "out" / "study.md").read_text()
     names = [v["name"] for v in VARIANTS]
     assert set(res["curves"]) >= {f"{n}/{rule}" for n in names for rule in ("best", "weighted", "borda")}
     assert set(res["curves"]) >= {"mean_logprob/best", "majority", "oracle", "random"}
@@ -89,6 +99,16 @@ def test_study_trains_every_head_and_scores_them_in_one_forward(tmp_path):
     study.run_study(_config(tmp_path, model, VARIANTS[:1], "train_batch_size=5", "swift.lr=0.01"), log=logs.append)
     assert any("all: training a head" in line for line in logs)
     assert sum("one forward wrote" in line for line in logs) == 0
+
+
+def _majority_correct(answers, correct) -> float:
+    """Majority vote written out: the most frequent non-empty answer, ties to the first reached."""
+    seen = [a for a in answers if a is not None]
+    if not seen:
+        return 0.0
+    top = max(seen.count(a) for a in seen)
+    j = next(t for t, a in enumerate(answers) if a is not None and seen.count(a) == top)
+    return float(correct[j])
 
 
 def test_study_config_is_checked_before_any_work(tmp_path):
