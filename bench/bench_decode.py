@@ -70,7 +70,6 @@ def machine_limits() -> dict:
     mm = {"numpy": 2 * n ** 3 / timeit(lambda: x @ x, repeats=5),
           "jax": 2 * n ** 3 / timeit(lambda: jmm(jx, jx).block_until_ready(), repeats=5),
           "torch": 2 * n ** 3 / timeit(lambda: tx @ tx, repeats=5)}
-    del a, ja, ta
     return {"bandwidth_GBs": max(bw.values()) / 1e9, "matmul_GFLOPs": max(mm.values()) / 1e9,
             **{f"bw_{k}": v / 1e9 for k, v in bw.items()}, **{f"mm_{k}": v / 1e9 for k, v in mm.items()}}
 

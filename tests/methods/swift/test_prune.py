@@ -1,6 +1,5 @@
 """SWIFT-pruned sampling: the decision rule against brute force, prefix scores against the
 pooled score of each prefix, and online pruning against its offline replay."""
-import itertools
 
 import jax
 import numpy as np
