@@ -173,6 +173,34 @@ def test_top_p_draws_equal_categorical_of_the_filtered_logits(scale, top_k, head
     assert (kept <= TOP_P_HEAD).all() == head  # the head branch, or the search branch, is taken
 
 
+@pytest.mark.parametrize("v", [2000, 2048, 2053, 49152, 50257])
+def test_argmax_last_is_numpy_argmax_with_ties_nan_and_inf(v):
+    from swiftjax.sampling import argmax_last
+    rng = np.random.default_rng(v)
+    # finite rows (the blocked path): ties anywhere go to the first maximal index
+    x = rng.normal(size=(2, 5, v)).astype(np.float32)
+    x[0, 1] = np.round(x[0, 1])                         # many ties
+    x[0, 2] = 7.0                                       # all equal
+    x[0, 3] = -3e38                                     # all equal and hugely negative
+    x[0, 4, v - 1] = 99.0                               # the maximum in the last entry (tail or block)
+    x[1, 0, [v // 3, v - 2]] = 50.0                     # a tie across blocks (or block and tail)
+    x[1, 1, 127:129] = 30.0                             # a tie straddling a block edge
+    x[1, 2, [5, 130]] = 30.0                            # the first of two blocks holding the maximum
+    x[1, 3, v - 2:] = 40.0                              # a tie inside the last entries
+    for arr in (x, x[:, 0]):
+        got = jax.jit(argmax_last)(jnp.asarray(arr))
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), np.argmax(arr, axis=-1))
+    # NaN counts as the maximum (the first one wins) and +-inf order as numbers, as in jnp.argmax
+    y = rng.normal(size=(5, v)).astype(np.float32)
+    y[0, [5, v - 1]] = np.nan
+    y[1, v - 1] = np.nan
+    y[2, [0, v - 1]] = np.inf
+    y[3] = -np.inf
+    y[4, 200] = np.inf
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax_last)(jnp.asarray(y))), np.argmax(y, axis=-1))
+
+
 def test_gumbel_at_is_jax_random_gumbel_at_those_elements(monkeypatch):
     """The noise of the head's tokens alone equals jax.random.gumbel's full draw there, so a
     top-p draw computes it for 128 tokens instead of the vocabulary and draws the same token."""
