@@ -711,6 +711,30 @@ class FeatureStore:
         """Row i's features [T_i, F] float32."""
         return from_bf16_bits(self.row_bits(i))
 
+    def _read_row_bits(self, i: int, dst: np.ndarray, files: dict) -> None:
+        """Row i's bf16 bits into ``dst`` ([T_i, F] uint16, C-contiguous) with positioned reads of
+        the whole row. Faulting a memory-mapped row in page by page ran at ~230 MB/s on a store
+        larger than the page cache (the SWIFT study's 30 GB all-layer store: its head training
+        was bound by it); a plain read of the row's bytes runs at the disk's rate. ``files``
+        caches the open shard files of one batch."""
+        s = int(np.searchsorted(self._row_starts, i, side="right") - 1)
+        a = int(self.offsets[i] - self._token_starts[s])
+        shard = self._shards[s]
+        if not isinstance(shard, np.memmap) or not dst.flags.c_contiguous:
+            dst[...] = shard[a:a + dst.shape[0]]
+            return
+        if s not in files:
+            files[s] = open(shard.filename, "rb", buffering=0)
+        fh, view, pos = files[s], memoryview(dst).cast("B"), int(shard.offset) + a * self.feature_dim * 2
+        done = 0
+        while done < len(view):
+            fh.seek(pos + done)
+            got = fh.readinto(view[done:])
+            if not got:
+                raise ValueError(f"feature store {self.path}: shard {Path(shard.filename).name} ended early "
+                                 f"reading row {i} (truncated since it was opened)")
+            done += got
+
     def batch(self, indices: Sequence[int], pad_to: int | None = None, *,
               columns=None, exact_bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``indices`` as (features [B, Tmax, F] float32, mask [B, Tmax] float32), right-padded
@@ -737,11 +761,21 @@ class FeatureStore:
         f = self.feature_dim if cols is None else cols.size
         out = np.zeros((idx.size, int(t), f), np.uint16 if exact_bf16 else np.float32)
         mask = np.zeros((idx.size, int(t)), np.float32)
-        for j, i in enumerate(idx):
-            r = self.row_bits(int(i))
-            r = r if cols is None else r[:, cols]
-            out[j, : r.shape[0]] = r if exact_bf16 else from_bf16_bits(r)
-            mask[j, : r.shape[0]] = 1.0
+        files: dict = {}
+        try:
+            for j, i in enumerate(idx):
+                n = int(self.lengths[i])
+                if cols is None and exact_bf16:
+                    self._read_row_bits(int(i), out[j, :n], files)      # straight into the batch
+                else:
+                    r = np.empty((n, self.feature_dim), np.uint16)
+                    self._read_row_bits(int(i), r, files)
+                    r = r if cols is None else r[:, cols]
+                    out[j, :n] = r if exact_bf16 else from_bf16_bits(r)
+                mask[j, :n] = 1.0
+        finally:
+            for fh in files.values():
+                fh.close()
         return (out.view(ml_dtypes.bfloat16) if exact_bf16 else out), mask
 
     def __repr__(self) -> str:
