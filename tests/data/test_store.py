@@ -87,7 +87,23 @@ def test_round_trip_ragged_rows_across_shards(tmp_path):
     assert x4.dtype == ml_dtypes.bfloat16 and x4.nbytes * 2 == x3.nbytes
     np.testing.assert_array_equal(x4.astype(np.float32), x3)
     np.testing.assert_array_equal(m4, m)
+    x5, m5 = st.batch(idx, exact_bf16=True)  # whole rows read straight into the batch
+    np.testing.assert_array_equal(x5.astype(np.float32), x)
+    np.testing.assert_array_equal(m5, m)
     assert _leftovers(tmp_path) == []
+
+
+def test_shard_truncated_after_opening_is_an_error_not_zeros(tmp_path):
+    rows = _rows()
+    _write(tmp_path / "st", rows, shard_rows=2)
+    st = FeatureStore(tmp_path / "st")
+    last = tmp_path / "st" / st.manifest["shards"][-1]["file"]
+    with open(last, "r+b") as fh:  # row 4 (the last shard's only row) loses its bytes
+        fh.truncate(last.stat().st_size - 2 * F_DIM * 2)
+    np.testing.assert_array_equal(st.batch([0, 2])[0][1, :7], np_bf16_round(rows[2]))  # other shards read
+    for kw in ({}, {"exact_bf16": True}):
+        with pytest.raises(ValueError, match=rf"shard {last.name} ended early reading row 4"):
+            st.batch([0, 4], **kw)
 
 
 def test_padded_batch_input_keeps_only_masked_tokens(tmp_path):
