@@ -34,6 +34,7 @@ __all__ = [
     "pick_best", "pick_majority", "pick_weighted", "pick_filter_vote", "pick_borda", "RULES",
     "softmax_weights", "estimate_at_k", "sampler_confidences", "fit_temperature",
     "selection_table", "format_selection", "SCORED_RULES", "per_problem_at_k", "paired_difference",
+    "rule_inputs",
 ]
 
 
@@ -190,6 +191,12 @@ def softmax_weights(scores, temperature: float) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def rule_inputs(scores, rule: str, temperature: float = 1.0):
+    """What a scored ``rule`` ranks or votes with: :func:`softmax_weights` of ``scores`` at
+    ``temperature`` for ``weighted``, the scores themselves for the other rules."""
+    return softmax_weights(scores, temperature) if rule == "weighted" else scores
+
+
 def _per_problem(values: np.ndarray) -> tuple[float, float]:
     p = len(values)
     se = values.std(ddof=1) / np.sqrt(p) if p > 1 else 0.0
@@ -301,8 +308,8 @@ def selection_table(answers, correct, scores: dict, ks: Sequence[int], *, temper
             raise ValueError(f"scores[{name!r}]: expected shape [{p}, {n}], got {list(s.shape)}")
         t = (temperatures or {}).get(name, 1.0)
         for rule in SCORED_RULES:
-            vals = softmax_weights(s, t) if rule == "weighted" else s
-            out[f"{name}/{rule}"] = estimate_at_k(rule, answers, vals, correct, ks, draws=draws, seed=seed, q=q)
+            out[f"{name}/{rule}"] = estimate_at_k(rule, answers, rule_inputs(s, rule, t), correct, ks, draws=draws,
+                                                  seed=seed, q=q)
     return out
 
 

@@ -699,12 +699,14 @@ class FeatureStore:
             raise ValueError(f"index: expected an int in [0, {len(self)}), got {i!r}")
         return int(i) % len(self)
 
+    def _locate(self, i: int) -> tuple[int, int, int]:
+        """(shard, first token, end token) of row i (a valid index) inside its shard."""
+        s = int(np.searchsorted(self._row_starts, i, side="right") - 1)
+        return s, int(self.offsets[i] - self._token_starts[s]), int(self.offsets[i + 1] - self._token_starts[s])
+
     def row_bits(self, i: int) -> np.ndarray:
         """Row i's stored bf16 bit patterns [T_i, F] uint16 (a memory-mapped view)."""
-        i = self._index(i)
-        s = int(np.searchsorted(self._row_starts, i, side="right") - 1)
-        a = int(self.offsets[i] - self._token_starts[s])
-        b = int(self.offsets[i + 1] - self._token_starts[s])
+        s, a, b = self._locate(self._index(i))
         return self._shards[s][a:b]
 
     def row(self, i: int) -> np.ndarray:
@@ -717,11 +719,10 @@ class FeatureStore:
         larger than the page cache (the SWIFT study's 30 GB all-layer store: its head training
         was bound by it); a plain read of the row's bytes runs at the disk's rate. ``files``
         caches the open shard files of one batch."""
-        s = int(np.searchsorted(self._row_starts, i, side="right") - 1)
-        a = int(self.offsets[i] - self._token_starts[s])
+        s, a, b = self._locate(i)
         shard = self._shards[s]
         if not isinstance(shard, np.memmap) or not dst.flags.c_contiguous:
-            dst[...] = shard[a:a + dst.shape[0]]
+            dst[...] = shard[a:b]
             return
         if s not in files:
             files[s] = open(shard.filename, "rb", buffering=0)

@@ -280,7 +280,7 @@ def vs_majority(answers, correct, scores: dict, temperatures: dict, *, seed: int
     out = {}
     for name, s in scores.items():
         for rule in selection_mod.SCORED_RULES:
-            vals = selection_mod.softmax_weights(s, temperatures.get(name, 1.0)) if rule == "weighted" else s
+            vals = selection_mod.rule_inputs(s, rule, temperatures.get(name, 1.0))
             per = selection_mod.per_problem_at_k(rule, answers, vals, correct, [n], seed=seed)[n]
             out[f"{name}/{rule}"] = list(selection_mod.paired_difference(per, maj))
     return out
