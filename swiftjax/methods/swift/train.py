@@ -100,9 +100,15 @@ class LayerView:
         if self.norm is None:
             return self.source.batch(indices, pad_to, columns=self.columns, **_bf16_kw(self.source, exact_bf16))
         x, m = self.source.batch(indices, pad_to, columns=self.columns)
+        if x.base is not None or not x.flags.writeable:  # never write into a source's own memory
+            x = np.array(x, np.float32)
         b, t, f = x.shape
-        x = np.asarray(self.norm(jnp.asarray(x.reshape(b, t, f // self.d, self.d))), np.float32)
-        return x.reshape(b, t, f) * m[..., None], m
+        # one row at a time, in place: a wide batch (all 25 layers of a 0.5B model: 2 GB) is
+        # held once, not three times over (the input, JAX's copy and the normed output)
+        for i in range(b):
+            x[i] = np.asarray(self.norm(jnp.asarray(x[i].reshape(t, f // self.d, self.d)))).reshape(t, f)
+        x *= m[..., None]
+        return x, m
 
 
 def _bf16_kw(source, want: bool) -> dict:
@@ -242,10 +248,24 @@ def train_head(source, groups, labels, cfg: SwiftTrainConfig = SwiftTrainConfig(
 
 _score = jax.jit(swift.score)
 
+SCORE_BATCH_BYTES = 512 << 20  # float32 feature bytes of one scoring batch at the source's max_len
 
-def score_rows(params, source, rows, batch_size: int = 256) -> np.ndarray:
-    """SWIFT scores of the given rows of a feature source (the stored-feature path)."""
+
+def score_batch_rows(source, cap: int = 256) -> int:
+    """Rows per scoring batch: ``cap``, or fewer when that many rows of ``source`` at its
+    ``max_len`` would exceed :data:`SCORE_BATCH_BYTES` as float32 (256 rows of the all-layer
+    features of a 0.5B model at 512 tokens would be 11.7 GB; this keeps one batch near 0.5 GB)."""
+    per_row = max(1, int(source.max_len) * int(source.feature_dim) * 4)
+    return int(max(1, min(cap, SCORE_BATCH_BYTES // per_row)))
+
+
+def score_rows(params, source, rows, batch_size: int | None = None) -> np.ndarray:
+    """SWIFT scores of the given rows of a feature source (the stored-feature path), in
+    batches of ``batch_size`` rows (default: :func:`score_batch_rows`, bounded by memory)."""
     rows = np.asarray(rows)
+    batch_size = score_batch_rows(source) if batch_size is None else batch_size
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     out = []
     for s in range(0, len(rows), batch_size):
         f, m = source.batch(rows[s:s + batch_size], pad_to=_pad_width(source, rows[s:s + batch_size]),
@@ -254,4 +274,5 @@ def score_rows(params, source, rows, batch_size: int = 256) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-__all__ = ["SwiftTrainConfig", "ArraySource", "LayerView", "split_groups", "train_head", "score_rows"]
+__all__ = ["SwiftTrainConfig", "ArraySource", "LayerView", "split_groups", "train_head", "score_rows",
+           "score_batch_rows"]

@@ -131,3 +131,59 @@ def test_a_store_pads_each_batch_to_its_rows_and_trains_like_full_width(tmp_path
     np.testing.assert_allclose(p_store["kernel"], p_full["kernel"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(score_rows(p_store, store, np.arange(g * k)), score_rows(p_store, full, np.arange(g * k)),
                                rtol=1e-5, atol=1e-6)
+
+
+class _Recording:
+    """A source that records the rows asked of it per batch."""
+
+    def __init__(self, src):
+        self.src, self.feature_dim, self.max_len, self.calls = src, src.feature_dim, src.max_len, []
+
+    def __len__(self):
+        return len(self.src)
+
+    def batch(self, indices, pad_to=None, **kw):
+        self.calls.append(len(indices))
+        return self.src.batch(indices, pad_to, **kw)
+
+
+def test_score_rows_batches_are_bounded_by_bytes_and_give_the_same_scores(monkeypatch):
+    from swiftjax.methods.swift import train as T
+
+    src, groups, labels = _planted(g=10, t=6, f=12)
+    params = swift.init_params(jax.random.key(0), 12)
+    whole = score_rows(params, src, np.arange(80), batch_size=80)
+    rec = _Recording(src)
+    assert T.score_batch_rows(rec) == 256 and T.score_batch_rows(rec, cap=7) == 7
+    monkeypatch.setattr(T, "SCORE_BATCH_BYTES", 5 * 6 * 12 * 4 + 3)  # room for 5 rows, not 6
+    assert T.score_batch_rows(rec) == 5
+    got = score_rows(params, rec, np.arange(80))
+    assert rec.calls == [5] * 16
+    np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-7)
+    monkeypatch.setattr(T, "SCORE_BATCH_BYTES", 1)  # a row wider than the budget still scores, one at a time
+    assert T.score_batch_rows(rec) == 1
+    with pytest.raises(ValueError, match="batch_size: expected >= 1"):
+        score_rows(params, src, np.arange(4), batch_size=0)
+
+
+def test_normed_layer_view_equals_the_norm_of_the_columns_and_leaves_the_source_alone():
+    from swiftjax.methods.swift.train import LayerView
+
+    rs = np.random.RandomState(3)
+    d, layers = 4, 3
+    feats = rs.randn(6, 5, layers * d).astype(np.float32)
+    mask = (rs.rand(6, 5) < 0.7).astype(np.float32)
+    src = ArraySource(feats, mask)
+    before = feats.copy()
+    w = rs.randn(d).astype(np.float32)
+
+    def norm(x):  # an RMS norm with a weight, over the last axis
+        return x / jax.numpy.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w
+
+    view = LayerView(src, range(layers), (2, 0), d, norm=norm)
+    x, m = view.batch(np.array([4, 1, 3]))
+    cols = np.concatenate([feats[[4, 1, 3]][..., :d], feats[[4, 1, 3]][..., 2 * d:]], -1).reshape(3, 5, 2, d)
+    ref = cols / np.sqrt((cols ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(x, ref.reshape(3, 5, 2 * d) * mask[[4, 1, 3]][..., None], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(m, mask[[4, 1, 3]])
+    np.testing.assert_array_equal(feats, before)
