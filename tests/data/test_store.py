@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from swiftjax.data.store import (MANIFEST, FeatureStore, FeatureStoreWriter, from_bf16_bits,
-                                 to_bf16_bits)
+                                 narrow_store, to_bf16_bits)
 
 F_DIM = 6
 
@@ -91,6 +91,27 @@ def test_round_trip_ragged_rows_across_shards(tmp_path):
     np.testing.assert_array_equal(x5.astype(np.float32), x)
     np.testing.assert_array_equal(m5, m)
     assert _leftovers(tmp_path) == []
+
+
+def test_narrowed_store_holds_the_same_bits_of_the_chosen_columns(tmp_path):
+    rows = _rows(seed=4, lengths=(3, 1, 7, 4, 2, 5, 6))
+    labels, groups = _write(tmp_path / "st", rows, shard_rows=3)
+    st = FeatureStore(tmp_path / "st")
+    cols = np.array([4, 1, 5])
+    small = narrow_store(st, tmp_path / "small", cols, rows_per_add=2, meta={"key": "k"})
+    assert len(small) == len(st) and small.feature_dim == 3 and small.meta == {"key": "k"}
+    assert small.spec == st.spec and small.max_len == st.max_len
+    np.testing.assert_array_equal(small.lengths, st.lengths)
+    np.testing.assert_array_equal(small.labels, labels)
+    np.testing.assert_array_equal(small.group_ids, groups)
+    np.testing.assert_array_equal(small.extras["index"], np.arange(len(rows)))
+    for i in range(len(rows)):
+        np.testing.assert_array_equal(small.row_bits(i), st.row_bits(i)[:, cols])
+    idx = [6, 0, 3]
+    np.testing.assert_array_equal(small.batch(idx)[0], st.batch(idx, columns=cols)[0])
+    with pytest.raises(ValueError, match=r"columns: expected a non-empty 1-D int array of indices in \[0, 6\)"):
+        narrow_store(st, tmp_path / "bad", np.array([6]))
+    assert not (tmp_path / "bad").exists() and _leftovers(tmp_path) == []
 
 
 def test_shard_truncated_after_opening_is_an_error_not_zeros(tmp_path):

@@ -1,4 +1,5 @@
 """`swift study`: many SWIFT heads from one train forward and one test forward, on a tiny chat model."""
+import dataclasses
 import json
 
 import numpy as np
@@ -99,6 +100,39 @@ def test_study_trains_every_head_and_scores_them_in_one_forward(tmp_path):
     study.run_study(_config(tmp_path, model, VARIANTS[:1], "train_batch_size=5", "swift.lr=0.01"), log=logs.append)
     assert any("all: training a head" in line for line in logs)
     assert sum("one forward wrote" in line for line in logs) == 0
+
+
+def test_layer_subset_heads_read_a_narrowed_store_and_train_the_same_heads(tmp_path, monkeypatch):
+    model, _ = save_tiny_chat_model("qwen2", tmp_path / "model")
+    variants = [{"name": "all", "features": {"layers": "all"}},
+                {"name": "one", "features": {"layers": [1]}},
+                {"name": "one_norm", "features": {"layers": [1], "apply_norm": True}}]
+    cfg = _config(tmp_path, model, variants)
+    logs = []
+    res = study.run_study(cfg, log=logs.append)
+    narrowed = [line for line in logs if line.startswith("narrowed ")]
+    assert len(narrowed) == 1 and "to layers [1]" in narrowed[0] and "narrow_seconds" in res["stages"]
+    stores = {FeatureStore(s).feature_dim: FeatureStore(s) for s in (tmp_path / "cache").glob("features_*")}
+    assert len(stores) == 2
+    big, small = stores[max(stores)], stores[min(stores)]
+    d = small.feature_dim  # one state of the tiny model; the big store holds all of them, in order
+    np.testing.assert_array_equal(small.row_bits(3), big.row_bits(3)[:, d:2 * d])
+    assert small.meta["key"]["narrowed_from"] == big.meta["key"]
+    # the same study reading the big store only trains the same heads
+    monkeypatch.setattr(study, "NARROW_AT_MOST", 0.0)
+    wide = study.run_study(dataclasses.replace(cfg, out=str(tmp_path / "out_wide")), log=logs.append)
+    for name in ("one", "one_norm"):
+        a, _, _ = load_head(tmp_path / "out" / "heads" / name)
+        b, _, _ = load_head(tmp_path / "out_wide" / "heads" / name)
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+    assert wide["curves"] == res["curves"]
+    # a rerun reuses the narrowed store
+    monkeypatch.setattr(study, "NARROW_AT_MOST", 0.5)
+    logs.clear()
+    study.run_study(cfg, log=logs.append)
+    assert any(line.startswith("reusing") and "(layers [1])" in line for line in logs)
+    assert not any(line.startswith("narrowed ") for line in logs)
 
 
 def _majority_correct(answers, correct) -> float:
