@@ -11,6 +11,8 @@ rollout of each group (a group = one problem's K rollouts), ``labels`` [G, K] co
 from __future__ import annotations
 
 import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,9 +92,21 @@ class LayerView:
         self.feature_dim = len(layers) * d
         self.max_len = source.max_len
         self.lengths = getattr(source, "lengths", None)
+        self._layers, self._source_layers = layers, source_layers
 
     def __len__(self):
         return len(self.source)
+
+    def unnormed(self) -> "LayerView":
+        """The same columns without the norm (what training reads; :meth:`apply_norm` then
+        runs inside the jitted step)."""
+        return LayerView(self.source, self._source_layers, self._layers, self.d)
+
+    def apply_norm(self, x):
+        """The norm of each ``d``-wide block of ``x`` [..., F] in float32 (a JAX function: the
+        training step and the scoring apply it on the device, fused with the head)."""
+        x = jnp.asarray(x, jnp.float32)
+        return self.norm(x.reshape(*x.shape[:-1], -1, self.d)).reshape(x.shape).astype(jnp.float32)
 
     def batch(self, indices, pad_to=None, *, exact_bf16: bool = False):
         """(features [B, T, F], mask [B, T]); ``exact_bf16`` is passed on when no norm is
@@ -102,13 +116,22 @@ class LayerView:
         x, m = self.source.batch(indices, pad_to, columns=self.columns)
         if x.base is not None or not x.flags.writeable:  # never write into a source's own memory
             x = np.array(x, np.float32)
-        b, t, f = x.shape
         # one row at a time, in place: a wide batch (all 25 layers of a 0.5B model: 2 GB) is
         # held once, not three times over (the input, JAX's copy and the normed output)
-        for i in range(b):
-            x[i] = np.asarray(self.norm(jnp.asarray(x[i].reshape(t, f // self.d, self.d)))).reshape(t, f)
+        for i in range(x.shape[0]):
+            x[i] = np.asarray(self.apply_norm(x[i]))
         x *= m[..., None]
         return x, m
+
+
+def device_split(source):
+    """(the source to read, a JAX function of its features [B, T, F] run inside the jitted
+    step, or None): a normed :class:`LayerView` is read raw (bf16 from a store) and normed on
+    the device, fused with the head, instead of on the host in float32 (which reads and
+    writes every value several times over); every other source is read as it is."""
+    if isinstance(source, LayerView) and source.norm is not None:
+        return source.unnormed(), source.apply_norm
+    return source, None
 
 
 def _bf16_kw(source, want: bool) -> dict:
@@ -149,12 +172,13 @@ def split_groups(num_groups: int, val_frac: float, seed: int) -> tuple[np.ndarra
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _group_loss(cfg: SwiftTrainConfig):
+def _group_loss(cfg: SwiftTrainConfig, transform=None):
     fn = swift.loss_fn(cfg.loss, alpha=cfg.alpha)
 
     def loss(params, batch, rng=None):
         g, k = batch["labels"].shape
-        s = swift.score(params, batch["features"], batch["mask"]).reshape(g, k)
+        x = batch["features"] if transform is None else transform(batch["features"])
+        s = swift.score(params, x, batch["mask"]).reshape(g, k)
         return fn(s, batch["labels"]), {}
 
     return loss
@@ -208,7 +232,8 @@ def train_head(source, groups, labels, cfg: SwiftTrainConfig = SwiftTrainConfig(
         raise ValueError(f"train_head: expected >= {bsz} training groups, got {len(g_train)}")
     params = swift.init_params(jax.random.key(cfg.seed), source.feature_dim, gated=cfg.gated)
     tx = loop.make_optimizer(loop.OptimizerConfig(name="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay))
-    loss = _group_loss(cfg)
+    source, transform = device_split(source)
+    loss = _group_loss(cfg, transform)
     step = _checked_step(loop.make_train_step(loss, tx))
 
     def batches(epoch):
@@ -225,7 +250,7 @@ def train_head(source, groups, labels, cfg: SwiftTrainConfig = SwiftTrainConfig(
         group_loss = jax.jit(swift.loss_fn(cfg.loss, alpha=cfg.alpha))
 
         def eval_fn(p):  # exact loss over all validation groups at once
-            s = score_rows(p, source, val_rows).reshape(val_labels.shape)
+            s = _score_rows(p, source, val_rows, transform).reshape(val_labels.shape)
             bad = np.flatnonzero(~np.isfinite(s.reshape(-1)))
             if bad.size:
                 i = int(bad[0])
@@ -248,6 +273,11 @@ def train_head(source, groups, labels, cfg: SwiftTrainConfig = SwiftTrainConfig(
 
 _score = jax.jit(swift.score)
 
+
+@functools.lru_cache(maxsize=16)
+def _score_with(transform):
+    return jax.jit(lambda params, features, mask: swift.score(params, transform(features), mask))
+
 SCORE_BATCH_BYTES = 512 << 20  # float32 feature bytes of one scoring batch at the source's max_len
 
 
@@ -262,17 +292,23 @@ def score_batch_rows(source, cap: int = 256) -> int:
 def score_rows(params, source, rows, batch_size: int | None = None) -> np.ndarray:
     """SWIFT scores of the given rows of a feature source (the stored-feature path), in
     batches of ``batch_size`` rows (default: :func:`score_batch_rows`, bounded by memory)."""
+    source, transform = device_split(source)
+    return _score_rows(params, source, rows, transform, batch_size)
+
+
+def _score_rows(params, source, rows, transform, batch_size: int | None = None) -> np.ndarray:
     rows = np.asarray(rows)
     batch_size = score_batch_rows(source) if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    fn = _score if transform is None else _score_with(transform)
     out = []
     for s in range(0, len(rows), batch_size):
         f, m = source.batch(rows[s:s + batch_size], pad_to=_pad_width(source, rows[s:s + batch_size]),
                             **_bf16_kw(source, True))
-        out.append(np.asarray(_score(params, jnp.asarray(f), jnp.asarray(m))))
+        out.append(np.asarray(fn(params, jnp.asarray(f), jnp.asarray(m))))
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-__all__ = ["SwiftTrainConfig", "ArraySource", "LayerView", "split_groups", "train_head", "score_rows",
-           "score_batch_rows"]
+__all__ = ["SwiftTrainConfig", "ArraySource", "LayerView", "device_split", "split_groups", "train_head",
+           "score_rows", "score_batch_rows"]

@@ -187,3 +187,28 @@ def test_normed_layer_view_equals_the_norm_of_the_columns_and_leaves_the_source_
     np.testing.assert_allclose(x, ref.reshape(3, 5, 2 * d) * mask[[4, 1, 3]][..., None], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(m, mask[[4, 1, 3]])
     np.testing.assert_array_equal(feats, before)
+
+
+def test_normed_view_trains_and_scores_like_its_host_normed_features():
+    """A normed LayerView is read raw and normed inside the jitted step (train.device_split):
+    the head and the scores equal those of the same features normed on the host."""
+    from swiftjax.methods.swift.train import LayerView, device_split
+
+    src, groups, labels = _planted(g=12, t=6, f=12, seed=5)  # 3 blocks of d = 4
+    w = np.linspace(0.5, 1.5, 4).astype(np.float32)
+
+    def norm(x):
+        return x / jax.numpy.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w
+
+    view = LayerView(src, range(3), (0, 2), 4, norm=norm)
+    read, fn = device_split(view)
+    assert fn is not None and read.norm is None and device_split(src) == (src, None)
+    host = ArraySource(*view.batch(np.arange(len(src))))
+    cfg = SwiftTrainConfig(lr=3e-2, max_epochs=3)
+    p_view, i_view = train_head(view, groups, labels, cfg, progress=False)
+    p_host, i_host = train_head(host, groups, labels, cfg, progress=False)
+    for k in ("kernel", "bias"):
+        np.testing.assert_allclose(p_view[k], p_host[k], rtol=1e-5, atol=1e-6)
+    assert i_view["best_val_loss"] == pytest.approx(i_host["best_val_loss"], rel=1e-5)
+    rows = np.arange(len(src))
+    np.testing.assert_allclose(score_rows(p_view, view, rows), score_rows(p_view, host, rows), rtol=1e-5, atol=1e-6)
