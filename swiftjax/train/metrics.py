@@ -78,6 +78,26 @@ class JsonlWriter:
         self.close()
 
 
+class EvalLogWriter:
+    """One line per evaluation through ``log`` (``print`` by default): what a long run without a
+    progress bar (a log file of a background job) shows of its progress. Train metrics are
+    left out; only the main process logs."""
+
+    def __init__(self, log=print, prefix: str = "", *, process_index: int | None = None):
+        self.log, self.prefix = log, prefix
+        self.active = is_main_process(process_index)
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        m = to_python(dict(metrics))
+        if not self.active or m.pop("split", None) != "eval":
+            return
+        vals = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
+        self.log(f"{self.prefix}step {int(step)}: {vals}")
+
+    def close(self) -> None:
+        pass
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """All records of a jsonl metrics file."""
     with open(path, encoding="utf-8") as fh:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from swiftjax.train import loop
-from swiftjax.train.metrics import JsonlWriter, read_jsonl
+from swiftjax.train.metrics import EvalLogWriter, JsonlWriter, read_jsonl
 
 D, N = 5, 8
 
@@ -190,6 +190,19 @@ def test_fit_writes_jsonl_metrics(tmp_path):
     want = np.mean((b["x"].astype(np.float64) @ w0 - b["y"]) ** 2)
     np.testing.assert_allclose(train[0]["loss"], want, rtol=1e-5)
     assert {"loss", "grad_norm", "abs"} <= set(train[0])
+
+
+def test_eval_log_writer_logs_one_line_per_evaluation_and_nothing_else():
+    tx = loop.make_optimizer(loop.OptimizerConfig(lr=0.05))
+    state = loop.init_state({"w": jnp.zeros(D)}, tx, 0)
+    lines = []
+    loop.fit(state, loop.make_train_step(_lin_loss, tx), _batches(6, seed=10), epochs=1,
+             writer=EvalLogWriter(lines.append, "val at ", process_index=0),
+             eval_fn=lambda p: {"loss": 0.25, "n": 3}, eval_every=3, progress=False)
+    assert lines == ["val at step 3: loss 0.25, n 3", "val at step 6: loss 0.25, n 3"]
+    quiet = []
+    EvalLogWriter(quiet.append, process_index=1).write(3, {"split": "eval", "loss": 1.0})
+    assert quiet == []
 
 
 def test_fit_epochs_callable_and_same_seed_same_result():

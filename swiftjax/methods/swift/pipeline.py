@@ -33,6 +33,7 @@ from swiftjax.data import candidates as cands
 from swiftjax.data.store import FeatureStore
 from swiftjax.methods.swift import features as feats
 from swiftjax.methods.swift.head_io import load_head, save_head
+from swiftjax.train.metrics import EvalLogWriter
 from swiftjax.methods.swift import train as train_mod
 from swiftjax.methods.swift.prune import PruneConfig, pruned_best_of_n
 from swiftjax.methods.swift.train import SwiftTrainConfig, train_head
@@ -193,7 +194,8 @@ def train_on_store(store, correct, cfg: SwiftRunConfig, *, log=print):
     groups = groups_of(p, n, cfg.rollouts_per_group)
     labels = correct.reshape(-1)[groups]
     t0 = time.time()
-    params, info = train_head(store, groups, labels, cfg.swift, progress=cfg.progress)
+    writer = None if cfg.progress else EvalLogWriter(log, "  validation at ")  # a background run's log
+    params, info = train_head(store, groups, labels, cfg.swift, progress=cfg.progress, writer=writer)
     info["train_seconds"] = round(time.time() - t0, 1)
     info["config"] = to_plain(cfg.swift)
     log(f"trained SWIFT head ({info['num_params']} params, loss {cfg.swift.loss}) in {info['train_seconds']:.0f}s, "

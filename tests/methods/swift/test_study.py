@@ -52,6 +52,8 @@ def test_study_trains_every_head_and_scores_them_in_one_forward(tmp_path):
     cfg = _config(tmp_path, model, VARIANTS, "train_batch_size=5")
     logs = []
     res = study.run_study(cfg, log=logs.append)
+    # without a progress bar each head's validation losses go to the log, one line per epoch
+    assert sum("validation at step" in line for line in logs) >= len(VARIANTS) * 2
     # the train split decodes 5 rows at a time (its own key), the test split keeps sampling.batch_size
     for split, bs in (("train", 5), ("test", 8)):
         key = json.loads(next((tmp_path / "cache").glob(f"candidates_{split}_*.jsonl.key.json")).read_text())
