@@ -169,9 +169,10 @@ def narrowed_store(store, store_layers, layers, d: int, cache: Path, log):
     return small
 
 
-def _trained_head(cfg: SwiftStudyConfig, variant: Variant, source, store, correct, out: Path, log):
+def _trained_head(cfg: SwiftStudyConfig, variant: Variant, source_fn, store, correct, out: Path, log):
     """(params, info) of a variant's head: loaded when OUT/heads/NAME was trained on the same
-    store, spec and recipe, else trained (and its in-sample train scores kept in the info)."""
+    store, spec and recipe, else trained on ``source_fn()`` (called only then) and its in-sample
+    train scores kept in the info."""
     key = {"store": store.meta.get("key"), "spec": variant.features.to_dict(), "swift": to_plain(cfg.swift),
            "rollouts_per_group": cfg.rollouts_per_group}
     path = out / "heads" / variant.name
@@ -182,6 +183,7 @@ def _trained_head(cfg: SwiftStudyConfig, variant: Variant, source, store, correc
             return params, meta["info"]
     except ValueError:
         pass
+    source = source_fn()
     log(f"{variant.name}: training a head on F={source.feature_dim} features")
     params, info = pipeline.train_on_store(source, correct, cfg, log=log)
     t0 = time.time()
@@ -261,20 +263,24 @@ def run_study(cfg: SwiftStudyConfig, *, log=print) -> dict:
     stages["train_features_seconds"] = round(time.time() - t0, 3)
     norm = jax.jit(backbone.model.final_norm)
     layers_of = [feats.resolve_layers(sp, mcfg.num_layers) if sp.mode == "hidden" else None for sp in store_specs]
-    narrow = {}  # store index -> (the store of its subset heads' layers, those layers)
-    for i, sp_layers in enumerate(layers_of):
-        union = subset_layers(sources, i, sp_layers) if sp_layers is not None else []
-        if union and len(union) <= NARROW_AT_MOST * len(sp_layers):
-            t0 = time.time()
-            narrow[i] = (narrowed_store(stores[i], sp_layers, union, mcfg.hidden_size, cache, log), union)
-            stages["narrow_seconds"] = round(stages.get("narrow_seconds", 0.0) + time.time() - t0, 3)
+    narrow = {}  # store index -> (the store of its subset heads' layers, those layers), made when first needed
+
+    def source_of(src: Source):
+        read, read_layers = stores[src.store], layers_of[src.store]
+        union = subset_layers(sources, src.store, read_layers) if read_layers is not None else []
+        if (src.layers is not None and set(src.layers) <= set(union)
+                and len(union) <= NARROW_AT_MOST * len(read_layers)):
+            if src.store not in narrow:
+                t0 = time.time()
+                narrow[src.store] = (narrowed_store(read, read_layers, union, mcfg.hidden_size, cache, log), union)
+                stages["narrow_seconds"] = round(time.time() - t0, 3)
+            read, read_layers = narrow[src.store]
+        return _source(read, read_layers, src, backbone, norm)
+
     heads, infos = [], {}
     for v, src in zip(cfg.variants, sources):
-        read, read_layers = stores[src.store], layers_of[src.store]
-        if src.store in narrow and src.layers is not None and set(src.layers) <= set(narrow[src.store][1]):
-            read, read_layers = narrow[src.store]
-        source = _source(read, read_layers, src, backbone, norm)
-        params, info = _trained_head(cfg, v, source, stores[src.store], tr_arr["correct"], out, log)
+        params, info = _trained_head(cfg, v, lambda src=src: source_of(src), stores[src.store], tr_arr["correct"],
+                                     out, log)
         heads.append((params, v.features))
         infos[v.name] = info
 

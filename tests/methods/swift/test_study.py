@@ -129,10 +129,14 @@ def test_layer_subset_heads_read_a_narrowed_store_and_train_the_same_heads(tmp_p
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
     assert wide["curves"] == res["curves"]
-    # a rerun reuses the narrowed store
+    # a rerun whose heads are all trained neither reads nor writes a narrowed store
     monkeypatch.setattr(study, "NARROW_AT_MOST", 0.5)
     logs.clear()
     study.run_study(cfg, log=logs.append)
+    assert not any("(layers [1])" in line or line.startswith("narrowed ") for line in logs)
+    # a head to train again (a new out) reuses the narrowed store
+    logs.clear()
+    study.run_study(dataclasses.replace(cfg, out=str(tmp_path / "out_again")), log=logs.append)
     assert any(line.startswith("reusing") and "(layers [1])" in line for line in logs)
     assert not any(line.startswith("narrowed ") for line in logs)
 
