@@ -59,14 +59,23 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One head of a study: its name (a directory name under OUT/heads) and its features."""
+    """One head of a study: its name (a directory name under OUT/heads), its features and,
+    optionally, its own learning rate (None: the study's ``swift.lr``; wide or normed hidden
+    states may need a smaller one than a few log-prob features)."""
 
     name: str = ""
     features: feats.FeatureSpec = feats.FeatureSpec()
+    lr: float | None = None
 
     def __post_init__(self):
         if not _NAME.match(self.name):
             raise ValueError(f"name: expected letters, digits, '_', '.', '-' (a directory name), got {self.name!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr: expected a positive learning rate or null, got {self.lr!r}")
+
+    def recipe(self, cfg):
+        """The run config ``cfg`` with this head's learning rate in its ``swift`` recipe."""
+        return cfg if self.lr is None else dataclasses.replace(cfg, swift=dataclasses.replace(cfg.swift, lr=self.lr))
 
 
 DEFAULT_VARIANTS = (
@@ -173,6 +182,7 @@ def _trained_head(cfg: SwiftStudyConfig, variant: Variant, source_fn, store, cor
     """(params, info) of a variant's head: loaded when OUT/heads/NAME was trained on the same
     store, spec and recipe, else trained on ``source_fn()`` (called only then) and its in-sample
     train scores kept in the info."""
+    cfg = variant.recipe(cfg)
     key = {"store": store.meta.get("key"), "spec": variant.features.to_dict(), "swift": to_plain(cfg.swift),
            "rollouts_per_group": cfg.rollouts_per_group}
     path = out / "heads" / variant.name
@@ -310,6 +320,7 @@ def run_study(cfg: SwiftStudyConfig, *, log=print) -> dict:
         "temperatures": temps,
         "curves": {c: {str(k): list(v) for k, v in vals.items()} for c, vals in curves.items()},
         "variants": {v.name: {"features": v.features.to_dict(), "feature_dim": int(heads[i][0]["kernel"].shape[0]),
+                              "lr": v.recipe(cfg).swift.lr,
                               **{k: infos[v.name][k] for k in ("num_params", "epochs_run", "best_val_loss",
                                                                "train_seconds") if k in infos[v.name]}}
                      for i, v in enumerate(cfg.variants)},
@@ -377,10 +388,12 @@ def markdown(result: dict) -> str:
     for c, vals in result["curves"].items():
         lines.append(f"| {c} | " + " | ".join(f"{vals[k][0]:.1f} ± {vals[k][1]:.1f}" for k in ks) + " |")
     lines.append("")
-    lines.append("| variant | F | head params | epochs | train s |")
-    lines.append("| --- | ---: | ---: | ---: | ---: |")
+    lines.append("| variant | F | head params | lr | epochs | best val loss | train s |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, v in result["variants"].items():
-        lines.append(f"| {name} | {v['feature_dim']} | {v.get('num_params', '')} | {v.get('epochs_run', 0):.1f} | "
+        loss = v.get("best_val_loss")
+        lines.append(f"| {name} | {v['feature_dim']} | {v.get('num_params', '')} | {v.get('lr', '')} | "
+                     f"{v.get('epochs_run', 0):.1f} | {'' if loss is None else f'{loss:.4f}'} | "
                      f"{v.get('train_seconds', '')} |")
     lines.append("")
     rules = selection_mod.SCORED_RULES

@@ -97,6 +97,15 @@ def test_study_trains_every_head_and_scores_them_in_one_forward(tmp_path):
     assert again["curves"] == res["curves"]
     assert {n: (tmp_path / "out" / "heads" / n / "head.json").stat().st_mtime_ns for n in names} == stamp
     assert sum("reusing" in line for line in logs) == 2 + len(names) + 1
+    # a head's own learning rate retrains that head only, and is reported
+    logs.clear()
+    own = [dict(v, lr=0.02) if v["name"] == "one" else v for v in VARIANTS]
+    res_lr = study.run_study(_config(tmp_path, model, own, "train_batch_size=5"), log=logs.append)
+    assert [line.split(":")[0] for line in logs if "training a head" in line] == ["one"]
+    assert res_lr["variants"]["one"]["lr"] == 0.02 and res_lr["variants"]["all"]["lr"] == cfg.swift.lr
+    assert "| one | " in (tmp_path / "out" / "study.md").read_text()
+    with pytest.raises(ValueError, match="lr: expected a positive learning rate"):
+        _config(tmp_path, model, [dict(VARIANTS[0], lr=0.0)])
     # a changed recipe retrains the heads (their key covers it), not the stores
     logs.clear()
     study.run_study(_config(tmp_path, model, VARIANTS[:1], "train_batch_size=5", "swift.lr=0.01"), log=logs.append)
