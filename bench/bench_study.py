@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -118,6 +119,7 @@ def main() -> int:
     width = max(len(bb.prompt_ids(r["prompt"])) + len(r["token_ids"]) for r in ordered)
     ids, attn, resp = pipeline.encode_rows(bb, ordered, -(-width // 64) * 64)
     share = bool(a.share)
+    tmp = None  # the store-writing run's directory
     if a.what == "overhead":
         return overhead(bb, ids[: a.batch], attn[: a.batch], resp[: a.batch], lim)
     if a.what == "score":
@@ -136,12 +138,16 @@ def main() -> int:
             return F.write_stores([Path(tmp) / f"r{i}_{j}" for j in range(len(specs))], bb.model, specs, ids, attn,
                                   resp, np.zeros(len(ids)), np.arange(len(ids)) // n, batch_size=a.batch,
                                   share_prompts=share)
-    t0 = time.perf_counter()
-    run()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run()
-    t = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        run()
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run()
+        t = time.perf_counter() - t0
+    finally:  # the stores written (hundreds of MB a run) go with the run
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     fwd = forwarded_tokens(ids, attn, resp, a.batch, share)
     flops = 2 * fwd * (block_weights(cfg) + cfg.vocab_size * cfg.hidden_size)  # logits for every token (logits-mode variants need them)
     report(f"study forward ({a.what}, {'shared prompts' if share else 'plain'}, batch {a.batch}): "
