@@ -1,9 +1,11 @@
-"""Atomic file writes: nothing half-written is ever left at the destination."""
+"""Atomic file writes (nothing half-written is ever left at the destination) and the disk-space
+check made before writing something large."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,3 +44,25 @@ def file_sha256(path, chunk: int = 1 << 22) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def dir_bytes(path) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
+    path = Path(path)
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def check_free_space(directory, need: int, what: str) -> None:
+    """Raise ValueError when the file system of ``directory`` (or its nearest existing parent)
+    has fewer than ``need`` bytes free: a store of tens of GB refused before the forward that
+    would fill it, not when the disk is full hours later."""
+    d = Path(directory)
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    free = shutil.disk_usage(d).free
+    if need > free:
+        raise ValueError(f"{what}: expected {need / 1e9:.2f} GB free under {directory}, "
+                         f"{free / 1e9:.2f} GB free")
+

@@ -52,7 +52,7 @@ from typing import Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from swiftjax._io import file_sha256
+from swiftjax._io import check_free_space, file_sha256
 
 __all__ = [
     "FORMAT",
@@ -800,6 +800,7 @@ def narrow_store(src: FeatureStore, path, columns, *, spec: Mapping | None = Non
                          f"got {cols.dtype} {cols.shape}")
     if not _is_int(rows_per_add) or rows_per_add < 1:
         raise ValueError(f"rows_per_add: expected a positive int, got {rows_per_add!r}")
+    check_free_space(Path(path).parent, src.num_tokens * int(cols.size) * 2, f"narrowed store {Path(path).name}")
     n = len(src)
     with FeatureStoreWriter(path, int(cols.size), src.spec if spec is None else spec,
                             meta=src.meta if meta is None else meta, overwrite=True) as w:

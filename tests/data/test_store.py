@@ -443,3 +443,17 @@ def test_resumable_writer_rollback_exception_and_live_owner(tmp_path):
     np.testing.assert_array_equal(st.labels, [1, 0, 1, 0, 1, 1])
     with pytest.raises(ValueError, match="resume=True"):
         FeatureStoreWriter(tmp_path / "other", F_DIM).checkpoint()
+
+
+def test_narrowed_store_needs_the_disk_space_first(tmp_path, monkeypatch):
+    import collections
+
+    import swiftjax._io as io_mod
+
+    _write(tmp_path / "st", _rows())
+    st = FeatureStore(tmp_path / "st")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(io_mod.shutil, "disk_usage", lambda p: usage(0, 0, st.num_tokens * 2 * 2 - 1))
+    with pytest.raises(ValueError, match="narrowed store small: expected 0.00 GB free"):
+        narrow_store(st, tmp_path / "small", np.array([0, 1]))
+    assert not (tmp_path / "small").exists() and _leftovers(tmp_path) == []

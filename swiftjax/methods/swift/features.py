@@ -751,6 +751,23 @@ def write_store(path, model, spec: FeatureSpec, ids, attention_mask, response_ma
                         **kw)[0]
 
 
+def _check_store_space(paths, specs, cfg, tokens: int, resume: bool) -> None:
+    """Refuse before the forward when a directory lacks room for its stores: 2 bytes (bf16) per
+    feature per response token, less what a resumed store already wrote."""
+    from pathlib import Path
+
+    from swiftjax._io import check_free_space, dir_bytes
+    from swiftjax.data.store import PARTIAL
+
+    need: dict = {}
+    for p, s in zip(paths, specs):
+        p = Path(p)
+        done = dir_bytes(p.parent / f"{p.name}{PARTIAL}") if resume else 0
+        need[p.parent] = need.get(p.parent, 0) + max(0, tokens * feature_dim(s, cfg) * 2 - done)
+    for d, n in need.items():
+        check_free_space(d, n, f"feature stores ({tokens} response tokens)")
+
+
 def write_stores(paths: Sequence, model, specs: Sequence[FeatureSpec], ids, attention_mask, response_mask,
                  labels, group_ids, *, batch_size: int = 32, window_batches: int = 16,
                  metas: Sequence[Mapping | None] | None = None, progress: bool = False,
@@ -790,6 +807,7 @@ def write_stores(paths: Sequence, model, specs: Sequence[FeatureSpec], ids, atte
     if labels.shape != (n,) or group_ids.shape != (n,):
         raise ValueError(f"labels, group_ids: expected shape ({n},) (one per row of ids), "
                          f"got {labels.shape} and {group_ids.shape}")
+    _check_store_space(paths, specs, cfg, int(np.asarray(response_mask).sum()), resume)
     info = {"model_type": cfg.model_type, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size}
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(FeatureStoreWriter(p, feature_dim(s, cfg), s.to_dict(),

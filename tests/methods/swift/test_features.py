@@ -735,3 +735,35 @@ def test_resumed_store_writing_continues_where_it_stopped(models, tmp_path):
     relabelled = (model, specs, ids, attn, resp, 1 - np.arange(len(ids)) % 2, np.arange(len(ids)) // 4)
     F.write_stores([tmp_path / "q0", tmp_path / "q1"], *relabelled, **kw)
     np.testing.assert_array_equal(FeatureStore(tmp_path / "q0").labels, 1 - np.arange(len(ids)) % 2)
+
+
+def test_store_writing_is_refused_up_front_without_the_disk_space(models, tmp_path, monkeypatch):
+    """2 bytes per feature per response token must be free before the forward starts; a resumed
+    store needs only what it has not written yet."""
+    import collections
+
+    import swiftjax._io as io_mod
+
+    _, model, cfg = models("llama")
+    ids, attn, resp = _candidate_set(seed=6, groups=2)
+    specs = [F.FeatureSpec(layers=(0, 2)), F.FeatureSpec(mode="token_logprobs", k=2)]
+    need = int(resp.sum()) * sum(F.feature_dim(s, cfg) for s in specs) * 2
+    usage = collections.namedtuple("usage", "total used free")
+    free = {"n": need - 1}
+    monkeypatch.setattr(io_mod.shutil, "disk_usage", lambda p: usage(0, 0, free["n"]))
+    args = (model, specs, ids, attn, resp, np.arange(len(ids)) % 2, np.arange(len(ids)) // 4)
+    with pytest.raises(ValueError, match=rf"feature stores \({int(resp.sum())} response tokens\): expected "
+                                         rf"{need / 1e9:.2f} GB free under {tmp_path}"):
+        F.write_stores([tmp_path / "a", tmp_path / "b"], *args, batch_size=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing started
+    free["n"] = need
+    F.write_stores([tmp_path / "a", tmp_path / "b"], *args, batch_size=2)
+    # a partial store's bytes count as written: the rerun needs only the rest
+    (tmp_path / "c.partial").mkdir()
+    (tmp_path / "c.partial" / "junk").write_bytes(b"x" * 1000)
+    free["n"] = need - 1000
+    with pytest.raises(ValueError, match="feature stores"):
+        F.write_stores([tmp_path / "c", tmp_path / "d"], *args, batch_size=2)  # not resuming: all of it
+    from swiftjax.methods.swift.features import _check_store_space
+
+    _check_store_space([tmp_path / "c", tmp_path / "d"], specs, cfg, int(resp.sum()), resume=True)
