@@ -60,12 +60,14 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One head of a study: its name (a directory name under OUT/heads), its features and,
-    optionally, its own learning rate (None: the study's ``swift.lr``; wide or normed hidden
-    states may need a smaller one than a few log-prob features)."""
+    optionally, its own learning rate and standardization (None: the study's ``swift.lr`` /
+    ``swift.standardize``; wide or normed hidden states may need a smaller rate, or their
+    features standardized, where a few log-prob features do not)."""
 
     name: str = ""
     features: feats.FeatureSpec = feats.FeatureSpec()
     lr: float | None = None
+    standardize: bool | None = None
 
     def __post_init__(self):
         if not _NAME.match(self.name):
@@ -74,8 +76,9 @@ class Variant:
             raise ValueError(f"lr: expected a positive learning rate or null, got {self.lr!r}")
 
     def recipe(self, cfg):
-        """The run config ``cfg`` with this head's learning rate in its ``swift`` recipe."""
-        return cfg if self.lr is None else dataclasses.replace(cfg, swift=dataclasses.replace(cfg.swift, lr=self.lr))
+        """The run config ``cfg`` with this head's own settings in its ``swift`` recipe."""
+        own = {k: v for k, v in (("lr", self.lr), ("standardize", self.standardize)) if v is not None}
+        return dataclasses.replace(cfg, swift=dataclasses.replace(cfg.swift, **own)) if own else cfg
 
 
 DEFAULT_VARIANTS = (
@@ -183,7 +186,10 @@ def _trained_head(cfg: SwiftStudyConfig, variant: Variant, source_fn, store, cor
     store, spec and recipe, else trained on ``source_fn()`` (called only then) and its in-sample
     train scores kept in the info."""
     cfg = variant.recipe(cfg)
-    key = {"store": store.meta.get("key"), "spec": variant.features.to_dict(), "swift": to_plain(cfg.swift),
+    recipe = to_plain(cfg.swift)
+    if not recipe.get("standardize"):  # heads trained before the option existed keep their key
+        recipe.pop("standardize", None)
+    key = {"store": store.meta.get("key"), "spec": variant.features.to_dict(), "swift": recipe,
            "rollouts_per_group": cfg.rollouts_per_group}
     path = out / "heads" / variant.name
     try:
@@ -320,7 +326,7 @@ def run_study(cfg: SwiftStudyConfig, *, log=print) -> dict:
         "temperatures": temps,
         "curves": {c: {str(k): list(v) for k, v in vals.items()} for c, vals in curves.items()},
         "variants": {v.name: {"features": v.features.to_dict(), "feature_dim": int(heads[i][0]["kernel"].shape[0]),
-                              "lr": v.recipe(cfg).swift.lr,
+                              "lr": v.recipe(cfg).swift.lr, "standardize": v.recipe(cfg).swift.standardize,
                               **{k: infos[v.name][k] for k in ("num_params", "epochs_run", "best_val_loss",
                                                                "train_seconds") if k in infos[v.name]}}
                      for i, v in enumerate(cfg.variants)},

@@ -34,6 +34,10 @@ class SwiftTrainConfig:
     val_frac: float = 0.2
     patience: int = 3
     seed: int = 42
+    # train on each feature standardized by its mean and standard deviation over the training
+    # rows' response tokens, then fold them into the kernel and bias (the saved head reads raw
+    # features): hidden states with a few huge dimensions then train at one learning rate
+    standardize: bool = False
 
     def __post_init__(self):
         if self.loss not in swift.LOSSES:
@@ -233,6 +237,10 @@ def train_head(source, groups, labels, cfg: SwiftTrainConfig = SwiftTrainConfig(
     params = swift.init_params(jax.random.key(cfg.seed), source.feature_dim, gated=cfg.gated)
     tx = loop.make_optimizer(loop.OptimizerConfig(name="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay))
     source, transform = device_split(source)
+    moments = None
+    if cfg.standardize:
+        moments = feature_moments(source, groups[g_train].reshape(-1), transform)
+        transform = _standardizer(transform, *moments)
     loss = _group_loss(cfg, transform)
     step = _checked_step(loop.make_train_step(loss, tx))
 
@@ -264,6 +272,8 @@ def train_head(source, groups, labels, cfg: SwiftTrainConfig = SwiftTrainConfig(
                    early_stopping=early, writer=writer, log_every=steps_per_epoch,
                    progress=progress, desc=f"SWIFT head ({cfg.loss})")
     best = jax.tree.map(np.asarray, res.best_params)
+    if moments is not None:
+        best = fold_standardization(best, *moments)
     info = {"history": res.history, "best_step": res.best_step, "best_val_loss": res.best_metric,
             "epochs_run": res.steps / max(steps_per_epoch, 1), "stopped_early": res.stopped_early,
             "n_train_groups": int(len(g_train)), "n_val_groups": int(len(g_val)),
@@ -272,6 +282,58 @@ def train_head(source, groups, labels, cfg: SwiftTrainConfig = SwiftTrainConfig(
 
 
 _score = jax.jit(swift.score)
+
+
+@functools.lru_cache(maxsize=16)
+def _sums_with(transform):
+    def sums(features, mask):
+        x = features.astype(jnp.float32) if transform is None else transform(features)
+        m = mask.astype(jnp.float32)[..., None]
+        x = jnp.where(m > 0, x, 0.0)
+        return jnp.sum(x, axis=(0, 1)), jnp.sum(x * x, axis=(0, 1)), jnp.sum(m)
+
+    return jax.jit(sums)
+
+
+def feature_moments(source, rows, transform=None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [F], standard deviation [F]) of each feature over the response tokens (mask 1) of
+    ``rows`` of ``source``, after ``transform`` (a JAX function of [B, T, F], e.g. a norm); the
+    sums are taken per batch in float32 and added in float64. A constant feature gets deviation 1."""
+    rows = np.asarray(rows)
+    n = score_batch_rows(source)
+    s1 = s2 = 0.0
+    count = 0.0
+    fn = _sums_with(transform)
+    for a in range(0, len(rows), n):
+        f, m = source.batch(rows[a:a + n], pad_to=_pad_width(source, rows[a:a + n]), **_bf16_kw(source, True))
+        x1, x2, c = fn(jnp.asarray(f), jnp.asarray(m))
+        s1 = s1 + np.asarray(x1, np.float64)
+        s2 = s2 + np.asarray(x2, np.float64)
+        count += float(c)
+    if count < 1:
+        raise ValueError("feature_moments: expected rows with at least one response token (mask 1), got none")
+    mean = s1 / count
+    sd = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
+    return mean.astype(np.float32), np.where(sd > 1e-6 * np.maximum(np.abs(mean), 1.0), sd, 1.0).astype(np.float32)
+
+
+def _standardizer(transform, mean, sd):
+    mean, sd = jnp.asarray(mean), jnp.asarray(sd)
+
+    def standardize(features):
+        x = features.astype(jnp.float32) if transform is None else transform(features)
+        return (x - mean) / sd
+
+    return standardize
+
+
+def fold_standardization(params, mean, sd) -> dict:
+    """A head on standardized features ``(x - mean) / sd`` as the same head on raw ``x``:
+    kernel / sd (per input row), bias - (mean / sd) @ kernel."""
+    k = np.asarray(params["kernel"], np.float64)
+    z = np.asarray(mean, np.float64) / np.asarray(sd, np.float64)
+    return {"kernel": (k / np.asarray(sd, np.float64)[:, None]).astype(np.float32),
+            "bias": (np.asarray(params["bias"], np.float64) - z @ k).astype(np.float32)}
 
 
 @functools.lru_cache(maxsize=16)
@@ -311,4 +373,4 @@ def _score_rows(params, source, rows, transform, batch_size: int | None = None) 
 
 
 __all__ = ["SwiftTrainConfig", "ArraySource", "LayerView", "device_split", "split_groups", "train_head",
-           "score_rows", "score_batch_rows"]
+           "score_rows", "score_batch_rows", "feature_moments", "fold_standardization"]

@@ -99,10 +99,12 @@ def test_study_trains_every_head_and_scores_them_in_one_forward(tmp_path):
     assert sum("reusing" in line for line in logs) == 2 + len(names) + 1
     # a head's own learning rate retrains that head only, and is reported
     logs.clear()
-    own = [dict(v, lr=0.02) if v["name"] == "one" else v for v in VARIANTS]
+    own = [dict(v, lr=0.02) if v["name"] == "one" else dict(v, standardize=True) if v["name"] == "tok" else v
+           for v in VARIANTS]
     res_lr = study.run_study(_config(tmp_path, model, own, "train_batch_size=5"), log=logs.append)
-    assert [line.split(":")[0] for line in logs if "training a head" in line] == ["one"]
+    assert [line.split(":")[0] for line in logs if "training a head" in line] == ["one", "tok"]
     assert res_lr["variants"]["one"]["lr"] == 0.02 and res_lr["variants"]["all"]["lr"] == cfg.swift.lr
+    assert res_lr["variants"]["tok"]["standardize"] and not res_lr["variants"]["one"]["standardize"]
     assert "| one | " in (tmp_path / "out" / "study.md").read_text()
     with pytest.raises(ValueError, match="lr: expected a positive learning rate"):
         _config(tmp_path, model, [dict(VARIANTS[0], lr=0.0)])

@@ -212,3 +212,31 @@ def test_normed_view_trains_and_scores_like_its_host_normed_features():
     assert i_view["best_val_loss"] == pytest.approx(i_host["best_val_loss"], rel=1e-5)
     rows = np.arange(len(src))
     np.testing.assert_allclose(score_rows(p_view, view, rows), score_rows(p_view, host, rows), rtol=1e-5, atol=1e-6)
+
+
+def test_standardized_training_equals_training_on_numpy_standardized_features_folded_back():
+    """standardize=True: moments over the training groups' response tokens (numpy reference),
+    the head trained on (x - mean) / sd, returned folded so it scores raw features the same."""
+    from swiftjax.methods.swift.train import feature_moments, fold_standardization
+
+    src, groups, labels = _planted(g=20, t=6, f=12, seed=6)
+    feats = src.features.copy()
+    feats[..., 3] = feats[..., 3] * 1000.0 + 50.0  # one huge, offset dimension
+    feats[..., 7] = 2.5  # a constant one
+    raw = ArraySource(feats, src.mask)
+    cfg = SwiftTrainConfig(lr=3e-2, max_epochs=3, standardize=True)
+    g_train, _ = split_groups(groups.shape[0], cfg.val_frac, cfg.seed)
+    tok = feats[groups[g_train].reshape(-1)][src.mask[groups[g_train].reshape(-1)] > 0]  # [tokens, F]
+    mean, sd = tok.mean(0), tok.std(0)
+    sd[7] = 1.0
+    got_mean, got_sd = feature_moments(raw, groups[g_train].reshape(-1))
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_sd, sd, rtol=1e-4)
+    p_std, _ = train_head(raw, groups, labels, cfg, progress=False)
+    z = ArraySource(((feats - mean) / sd).astype(np.float32), src.mask)
+    p_ref, _ = train_head(z, groups, labels, SwiftTrainConfig(lr=3e-2, max_epochs=3), progress=False)
+    folded = fold_standardization(p_ref, mean, sd)
+    np.testing.assert_allclose(p_std["kernel"], folded["kernel"], rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose(p_std["bias"], folded["bias"], rtol=2e-4, atol=1e-4)
+    rows = np.arange(len(raw))
+    np.testing.assert_allclose(score_rows(p_std, raw, rows), score_rows(p_ref, z, rows), rtol=1e-4, atol=1e-4)
