@@ -394,13 +394,17 @@ def markdown(result: dict) -> str:
     for c, vals in result["curves"].items():
         lines.append(f"| {c} | " + " | ".join(f"{vals[k][0]:.1f} ± {vals[k][1]:.1f}" for k in ks) + " |")
     lines.append("")
-    lines.append("| variant | F | head params | lr | epochs | best val loss | train s |")
-    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    n = str(result["n"])
+    lines.append(f"| variant | F | head params | lr | epochs | best val loss | train s | best @{n} | weighted @{n} "
+                 f"| Borda @{n} |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, v in result["variants"].items():
         loss = v.get("best_val_loss")
+        at_n = " | ".join("{:.1f} ± {:.1f}".format(*result["curves"][f"{name}/{r}"][n])
+                          for r in ("best", "weighted", "borda"))
         lines.append(f"| {name} | {v['feature_dim']} | {v.get('num_params', '')} | {v.get('lr', '')} | "
                      f"{v.get('epochs_run', 0):.1f} | {'' if loss is None else f'{loss:.4f}'} | "
-                     f"{v.get('train_seconds', '')} |")
+                     f"{v.get('train_seconds', '')} | {at_n} |")
     lines.append("")
     rules = selection_mod.SCORED_RULES
     lines.append(f"| vs majority vote @{result['n']}, paired (points) | " + " | ".join(rules) + " |")

@@ -70,7 +70,11 @@ def test_study_trains_every_head_and_scores_them_in_one_forward(tmp_path):
     d = arr_te["correct"][np.arange(len(maj)), sc.argmax(1)] - maj
     assert res["vs_majority"]["all/best"] == pytest.approx([d.mean() * 100, d.std(ddof=1) / np.sqrt(len(d)) * 100])
     assert res["verdict"].startswith("all/best Best-of-4") and "paired difference" in res["verdict"]
-    assert "| vs majority vote @4, paired (points) |" in (tmp_path / "out" / "study.md").read_text()
+    md = (tmp_path / "out" / "study.md").read_text()
+    assert "| vs majority vote @4, paired (points) |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| all | "))
+    best4 = res["curves"]["all/best"]["4"]
+    assert row.split(" | ")[-3] == f"{best4[0]:.1f} ± {best4[1]:.1f}" and "| Borda @4 |" in md
     names = [v["name"] for v in VARIANTS]
     assert set(res["curves"]) >= {f"{n}/{rule}" for n in names for rule in ("best", "weighted", "borda")}
     assert set(res["curves"]) >= {"mean_logprob/best", "majority", "oracle", "random"}
