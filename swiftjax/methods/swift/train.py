@@ -286,10 +286,10 @@ _score = jax.jit(swift.score)
 
 @functools.lru_cache(maxsize=16)
 def _sums_with(transform):
-    def sums(features, mask):
+    def sums(features, mask, shift):
         x = features.astype(jnp.float32) if transform is None else transform(features)
         m = mask.astype(jnp.float32)[..., None]
-        x = jnp.where(m > 0, x, 0.0)
+        x = jnp.where(m > 0, x - shift, 0.0)
         return jnp.sum(x, axis=(0, 1)), jnp.sum(x * x, axis=(0, 1)), jnp.sum(m)
 
     return jax.jit(sums)
@@ -297,23 +297,33 @@ def _sums_with(transform):
 
 def feature_moments(source, rows, transform=None) -> tuple[np.ndarray, np.ndarray]:
     """(mean [F], standard deviation [F]) of each feature over the response tokens (mask 1) of
-    ``rows`` of ``source``, after ``transform`` (a JAX function of [B, T, F], e.g. a norm); the
-    sums are taken per batch in float32 and added in float64. A constant feature gets deviation 1."""
+    ``rows`` of ``source``, after ``transform`` (a JAX function of [B, T, F], e.g. a norm). The
+    sums are of the values less the first batch's mean (no cancellation for features whose mean
+    dwarfs their spread), per batch in float32, added in float64. A constant feature gets
+    deviation 1."""
     rows = np.asarray(rows)
     n = score_batch_rows(source)
     s1 = s2 = 0.0
     count = 0.0
+    shift = None
     fn = _sums_with(transform)
     for a in range(0, len(rows), n):
         f, m = source.batch(rows[a:a + n], pad_to=_pad_width(source, rows[a:a + n]), **_bf16_kw(source, True))
-        x1, x2, c = fn(jnp.asarray(f), jnp.asarray(m))
+        f, m = jnp.asarray(f), jnp.asarray(m)
+        if shift is None:
+            x1, _, c = fn(f, m, jnp.zeros((source.feature_dim,), jnp.float32))
+            if float(c) < 1:
+                continue
+            shift = np.asarray(x1, np.float64) / float(c)
+        x1, x2, c = fn(f, m, jnp.asarray(shift, jnp.float32))
         s1 = s1 + np.asarray(x1, np.float64)
         s2 = s2 + np.asarray(x2, np.float64)
         count += float(c)
     if count < 1:
         raise ValueError("feature_moments: expected rows with at least one response token (mask 1), got none")
-    mean = s1 / count
-    sd = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
+    d = s1 / count
+    sd = np.sqrt(np.maximum(s2 / count - d * d, 0.0))
+    mean = np.asarray(shift, np.float32).astype(np.float64) + d
     return mean.astype(np.float32), np.where(sd > 1e-6 * np.maximum(np.abs(mean), 1.0), sd, 1.0).astype(np.float32)
 
 
@@ -339,6 +349,7 @@ def fold_standardization(params, mean, sd) -> dict:
 @functools.lru_cache(maxsize=16)
 def _score_with(transform):
     return jax.jit(lambda params, features, mask: swift.score(params, transform(features), mask))
+
 
 SCORE_BATCH_BYTES = 512 << 20  # float32 feature bytes of one scoring batch at the source's max_len
 

@@ -240,3 +240,18 @@ def test_standardized_training_equals_training_on_numpy_standardized_features_fo
     np.testing.assert_allclose(p_std["bias"], folded["bias"], rtol=2e-4, atol=1e-4)
     rows = np.arange(len(raw))
     np.testing.assert_allclose(score_rows(p_std, raw, rows), score_rows(p_ref, z, rows), rtol=1e-4, atol=1e-4)
+
+
+def test_feature_moments_of_a_feature_whose_mean_dwarfs_its_spread():
+    from swiftjax.methods.swift.train import feature_moments
+
+    rs = np.random.RandomState(8)
+    x = (1000.0 + 0.01 * rs.randn(40, 5, 3)).astype(np.float32)
+    mask = np.ones((40, 5), np.float32)
+    mask[:, 3:] = 0
+    mean, sd = feature_moments(ArraySource(x, mask), np.arange(40))
+    tok = x[:, :3].reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(mean, tok.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(sd, tok.std(0), rtol=1e-3)  # float32 values: spread known to ~1e-4 of 0.01
+    with pytest.raises(ValueError, match="at least one response token"):
+        feature_moments(ArraySource(x, np.zeros_like(mask)), np.arange(40))
