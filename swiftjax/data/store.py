@@ -587,6 +587,16 @@ def _readable_dir(path: Path) -> Path:
     raise ValueError(f"feature store: expected a directory at {path}, found none")
 
 
+def _checked_columns(columns, feature_dim: int) -> np.ndarray:
+    """``columns`` as a non-empty 1-D int array of indices in [0, feature_dim), or ValueError."""
+    cols = np.asarray(columns)
+    if (cols.ndim != 1 or cols.size == 0 or not np.issubdtype(cols.dtype, np.integer)
+            or cols.min() < 0 or cols.max() >= feature_dim):
+        raise ValueError(f"columns: expected a non-empty 1-D int array of indices in [0, {feature_dim}), "
+                         f"got {cols.dtype} {cols.shape}")
+    return cols
+
+
 class FeatureStore:
     """Read a feature store (memory-mapped shards).
 
@@ -745,13 +755,7 @@ class FeatureStore:
         array into [0, F)): only those features, in that order (F becomes ``len(columns)``;
         only they are converted). ``exact_bf16``: the features as the stored bfloat16 values
         (ml_dtypes.bfloat16, the same numbers as the float32 ones in half the bytes)."""
-        cols = None
-        if columns is not None:
-            cols = np.asarray(columns)
-            if (cols.ndim != 1 or cols.size == 0 or not np.issubdtype(cols.dtype, np.integer)
-                    or cols.min() < 0 or cols.max() >= self.feature_dim):
-                raise ValueError(f"columns: expected a non-empty 1-D int array of indices in [0, {self.feature_dim}), "
-                                 f"got {cols.dtype} {cols.shape}")
+        cols = None if columns is None else _checked_columns(columns, self.feature_dim)
         idx = np.asarray(indices)
         if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
             raise ValueError(f"indices: expected a non-empty 1-D integer array, got {idx.dtype} {idx.shape}")
@@ -793,11 +797,7 @@ def narrow_store(src: FeatureStore, path, columns, *, spec: Mapping | None = Non
     states x 896 = 22,400 features, 30 GB for 2,400 responses) reads them from disk at every
     epoch; their own store is a tenth of that and stays in the page cache. Written like every
     store (a temporary directory renamed into place, replacing ``path``); returns it opened."""
-    cols = np.asarray(columns)
-    if (cols.ndim != 1 or cols.size == 0 or not np.issubdtype(cols.dtype, np.integer)
-            or cols.min() < 0 or cols.max() >= src.feature_dim):
-        raise ValueError(f"columns: expected a non-empty 1-D int array of indices in [0, {src.feature_dim}), "
-                         f"got {cols.dtype} {cols.shape}")
+    cols = _checked_columns(columns, src.feature_dim)
     if not _is_int(rows_per_add) or rows_per_add < 1:
         raise ValueError(f"rows_per_add: expected a positive int, got {rows_per_add!r}")
     check_free_space(Path(path).parent, src.num_tokens * int(cols.size) * 2, f"narrowed store {Path(path).name}")

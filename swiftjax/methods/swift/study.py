@@ -171,10 +171,8 @@ def narrowed_store(store, store_layers, layers, d: int, cache: Path, log):
             return small
     except ValueError:
         pass
-    pos = {l: j for j, l in enumerate(store_layers)}
-    cols = np.concatenate([np.arange(pos[l] * d, (pos[l] + 1) * d) for l in layers])
     t0 = time.time()
-    small = narrow_store(store, path, cols, spec={**store.spec, "layers": [int(l) for l in layers]},
+    small = narrow_store(store, path, train_mod.layer_columns(store_layers, layers, d), spec={**store.spec, "layers": [int(l) for l in layers]},
                          meta={**store.meta, "key": key})
     log(f"narrowed {store.path.name} to layers {list(layers)} (F={small.feature_dim}) in {time.time() - t0:.0f}s "
         f"-> {path}")

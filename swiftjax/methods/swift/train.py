@@ -69,6 +69,13 @@ class ArraySource:
         return np.asarray(x, np.float32), np.asarray(self.mask[idx])
 
 
+def layer_columns(source_layers, layers, d: int) -> np.ndarray:
+    """The feature indices of ``layers``' blocks (in that order) in features made of the
+    ``d``-wide blocks of ``source_layers``."""
+    pos = {l: j for j, l in enumerate(source_layers)}
+    return np.concatenate([np.arange(pos[l] * d, (pos[l] + 1) * d) for l in layers])
+
+
 class LayerView:
     """A hidden-state feature source cut from a wider one.
 
@@ -88,9 +95,8 @@ class LayerView:
         if not layers or missing:
             raise ValueError(f"layers: expected a non-empty subset of the source's layers {list(source_layers)}, "
                              f"missing {missing}")
-        pos = {l: j for j, l in enumerate(source_layers)}
         self.source, self.d, self.norm = source, d, norm
-        cols = np.concatenate([np.arange(pos[l] * d, (pos[l] + 1) * d) for l in layers])
+        cols = layer_columns(source_layers, layers, d)
         # every block in order: read rows whole (no column gather)
         self.columns = None if np.array_equal(cols, np.arange(source.feature_dim)) else cols
         self.feature_dim = len(layers) * d
