@@ -172,8 +172,8 @@ def narrowed_store(store, store_layers, layers, d: int, cache: Path, log):
     except ValueError:
         pass
     t0 = time.time()
-    small = narrow_store(store, path, train_mod.layer_columns(store_layers, layers, d), spec={**store.spec, "layers": [int(l) for l in layers]},
-                         meta={**store.meta, "key": key})
+    small = narrow_store(store, path, train_mod.layer_columns(store_layers, layers, d),
+                         spec={**store.spec, "layers": [int(l) for l in layers]}, meta={**store.meta, "key": key})
     log(f"narrowed {store.path.name} to layers {list(layers)} (F={small.feature_dim}) in {time.time() - t0:.0f}s "
         f"-> {path}")
     return small
@@ -324,7 +324,7 @@ def run_study(cfg: SwiftStudyConfig, *, log=print) -> dict:
         "temperatures": temps,
         "curves": {c: {str(k): list(v) for k, v in vals.items()} for c, vals in curves.items()},
         "variants": {v.name: {"features": v.features.to_dict(), "feature_dim": int(heads[i][0]["kernel"].shape[0]),
-                              "lr": v.recipe(cfg).swift.lr, "standardize": v.recipe(cfg).swift.standardize,
+                              **{k: getattr(v.recipe(cfg).swift, k) for k in ("lr", "standardize")},
                               **{k: infos[v.name][k] for k in ("num_params", "epochs_run", "best_val_loss",
                                                                "train_seconds") if k in infos[v.name]}}
                      for i, v in enumerate(cfg.variants)},

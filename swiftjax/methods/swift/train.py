@@ -290,10 +290,15 @@ def train_head(source, groups, labels, cfg: SwiftTrainConfig = SwiftTrainConfig(
 _score = jax.jit(swift.score)
 
 
+def _float32(features):
+    """The identity transform of a source read as it is (bf16 store values included), as float32."""
+    return features.astype(jnp.float32)
+
+
 @functools.lru_cache(maxsize=16)
 def _sums_with(transform):
     def sums(features, mask, shift):
-        x = features.astype(jnp.float32) if transform is None else transform(features)
+        x = (transform or _float32)(features)
         m = mask.astype(jnp.float32)[..., None]
         x = jnp.where(m > 0, x - shift, 0.0)
         return jnp.sum(x, axis=(0, 1)), jnp.sum(x * x, axis=(0, 1)), jnp.sum(m)
@@ -337,8 +342,7 @@ def _standardizer(transform, mean, sd):
     mean, sd = jnp.asarray(mean), jnp.asarray(sd)
 
     def standardize(features):
-        x = features.astype(jnp.float32) if transform is None else transform(features)
-        return (x - mean) / sd
+        return ((transform or _float32)(features) - mean) / sd
 
     return standardize
 
